@@ -1,0 +1,598 @@
+"""GAP on Qwen2.5-VL: the PCA-aligned latent head and the model that reasons with visual latents.
+
+Reads top to bottom: the latent head, the streaming PCA that fits it, target pooling, the output class,
+the model (teacher-forced forward; latent-aware `generate` lives in `generation_gap.py`), and the
+conversion of a stock Qwen2.5-VL checkpoint.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+
+from .configuration_gap import GapQwen2_5VLConfig
+from .generation_gap import GapGenerationMixin
+
+
+PCA_SCALE_FLOOR = 1e-2  # smallest per-direction std kept, relative to the largest
+
+
+class GapLatentHead(nn.Module):
+    """Maps final hidden states to the latent vectors fed back as input embeddings.
+
+    One module for the three feedback modes of `config.latent_feedback`:
+    - `"raw"`: `z = h`;
+    - `"ema_norm"`: `z = h * ema_norm / ||h||`;
+    - `"pca"`: `z = pca_mean + pca_components @ (pca_scale * proj(norm(h)))`.
+
+    Buffers (saved with the weights): `pca_mean` (d,), `pca_components` (d, r) (a parameter when
+    `latent_pca_trainable`), `pca_scale` (r,), `ema_norm` () — 0 until calibrated.
+    """
+
+    def __init__(self, config: GapQwen2_5VLConfig):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        rank = min(config.latent_pca_rank, hidden_size)
+        self.feedback = config.latent_feedback
+        self.loss_kind = config.latent_loss
+        self.ema_momentum = config.latent_ema_momentum
+        self.norm = Qwen2_5_VLRMSNorm(hidden_size, eps=config.text_config.rms_norm_eps)
+        self.proj = nn.Linear(hidden_size, rank, bias=False)
+        self.register_buffer("pca_mean", torch.zeros(hidden_size))
+        components = torch.eye(hidden_size, rank)
+        if config.latent_pca_trainable:
+            self.pca_components = nn.Parameter(components)
+        else:
+            self.register_buffer("pca_components", components)
+        self.register_buffer("pca_scale", torch.ones(rank))
+        self.register_buffer("ema_norm", torch.zeros(()))
+
+    @property
+    def rank(self) -> int:
+        return self.pca_scale.shape[0]
+
+    def reset_parameters(self):
+        self.norm.weight.data.fill_(1.0)
+        nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(self.proj.in_features))
+
+    def forward(self, hidden_states: torch.Tensor, feedback: str | None = None) -> torch.Tensor:
+        """(..., d) final hidden states -> (..., d) latent input embeddings, by `feedback` (default: the config's)."""
+        feedback = feedback or self.feedback
+        if feedback == "raw":
+            return hidden_states
+        if feedback == "ema_norm":
+            norm = hidden_states.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            return hidden_states * (self.ema_norm.to(hidden_states.dtype) / norm)
+        if feedback == "pca":
+            coords = self.proj(self.norm(hidden_states)) * self.pca_scale.to(hidden_states.dtype)
+            return self.pca_mean.to(hidden_states.dtype) + coords @ self.pca_components.to(hidden_states.dtype).T
+        raise ValueError(f"latent_feedback must be one of 'pca', 'ema_norm', 'raw'; got {feedback!r}.")
+
+    def whiten(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(..., d) embeddings -> (..., r) coordinates in the principal subspace, divided by the per-direction std."""
+        centered = embeddings - self.pca_mean.to(embeddings.dtype)
+        return (centered @ self.pca_components.to(embeddings.dtype)) / self.pca_scale.to(embeddings.dtype)
+
+    def project(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., d): the orthogonal projection onto the affine principal subspace."""
+        mean = self.pca_mean.to(embeddings.dtype)
+        components = self.pca_components.to(embeddings.dtype)
+        return mean + ((embeddings - mean) @ components) @ components.T
+
+    def teacher_inputs(self, targets: torch.Tensor) -> torch.Tensor:
+        """What teacher forcing feeds at the latent slots: in `pca` mode the targets projected onto the subspace,
+        so that training inputs match what the head can produce; otherwise the targets themselves."""
+        return self.project(targets) if self.feedback == "pca" else targets
+
+    def loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Latent loss of (n, d) predictions against (n, d) targets, by `config.latent_loss`."""
+        predictions, targets = predictions.float(), targets.float()
+        cosine = 1 - F.cosine_similarity(predictions, targets, dim=-1).mean()
+        if self.loss_kind == "cos":
+            return cosine
+        if self.loss_kind == "mse":
+            return F.mse_loss(predictions, targets)
+        return F.mse_loss(self.whiten(predictions), self.whiten(targets)) + cosine
+
+    @torch.no_grad()
+    def update_ema_norm(self, visual_embeddings: torch.Tensor):
+        """Fold the mean norm of (n, d) visual input embeddings into the `ema_norm` buffer (the first call sets it)."""
+        if visual_embeddings.numel() == 0:
+            return
+        mean_norm = visual_embeddings.float().norm(dim=-1).mean().to(self.ema_norm.dtype)
+        if self.ema_norm.item() == 0:
+            self.ema_norm.copy_(mean_norm)
+        else:
+            self.ema_norm.mul_(self.ema_momentum).add_((1 - self.ema_momentum) * mean_norm)
+
+    @torch.no_grad()
+    def set_pca(self, mean: torch.Tensor, components: torch.Tensor, scale: torch.Tensor):
+        """Install fitted PCA statistics: mean (d,), components (d, r) orthonormal columns, scale (r,) stds (floored at
+        `PCA_SCALE_FLOOR` x the largest)."""
+        if components.shape != self.pca_components.shape:
+            raise ValueError(
+                f"PCA components have shape {tuple(components.shape)}; the head expects {tuple(self.pca_components.shape)}"
+                " (hidden size x latent_pca_rank)."
+            )
+        self.pca_mean.copy_(mean)
+        self.pca_components.data.copy_(components)
+        # Directions a small calibration set leaves (nearly) empty would make whitening explode: floor the stds.
+        self.pca_scale.copy_(scale.clamp_min(PCA_SCALE_FLOOR * scale.max().clamp_min(1e-6)))
+
+
+class StreamingPCA:
+    """Principal components of a stream of (n, d) vectors from accumulated first and second moments (float64).
+
+    `update` takes batches of any size; `compute(rank, method)` returns `(mean (d,), components (d, r), scale (r,))`
+    with `method="exact"` (symmetric eigendecomposition) or `"randomized"` (`torch.svd_lowrank`, for large d).
+    """
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.total = torch.zeros(dim, dtype=torch.float64)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+        self.norm_total = 0.0
+
+    def update(self, vectors: torch.Tensor):
+        vectors = vectors.detach().reshape(-1, vectors.shape[-1]).to("cpu", torch.float64)
+        self.count += vectors.shape[0]
+        self.total += vectors.sum(0)
+        self.outer += vectors.T @ vectors
+        self.norm_total += vectors.norm(dim=-1).sum().item()
+
+    @property
+    def mean_norm(self) -> float:
+        return self.norm_total / max(self.count, 1)
+
+    def compute(self, rank: int, method: str = "exact", seed: int = 0):
+        if self.count < 2:
+            raise ValueError(f"PCA needs at least 2 vectors; got {self.count}. Give more calibration images.")
+        mean = self.total / self.count
+        covariance = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
+        rank = min(rank, covariance.shape[0])
+        if method == "exact":
+            eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+            order = eigenvalues.argsort(descending=True)[:rank]
+            variances, components = eigenvalues[order], eigenvectors[:, order]
+        elif method == "randomized":
+            generator_state = torch.random.get_rng_state()
+            torch.manual_seed(seed)
+            components, variances, _ = torch.svd_lowrank(covariance, q=min(rank + 10, covariance.shape[0]), niter=6)
+            torch.random.set_rng_state(generator_state)
+            components, variances = components[:, :rank], variances[:rank]
+        else:
+            raise ValueError(f"method must be 'exact' or 'randomized'; got {method!r}.")
+        return mean.float(), components.float(), variances.clamp_min(0).sqrt().float()
+
+
+def pool_latent_targets(
+    visual_embeddings: torch.Tensor, grid_hw: tuple[int, int], num_latents: int, pooling: str = "grid"
+) -> torch.Tensor:
+    """Pool one image's (n_tokens, d) visual input embeddings, laid out on a (h, w) merged-token grid, to (K, d).
+
+    `"grid"`: adaptive average pooling to a (kh, kw) grid, kh * kw = K, the factorisation closest to the image's
+    aspect ratio, read in raster order. `"raster"`: K contiguous raster-order chunks, each mean-pooled.
+    """
+    height, width = grid_hw
+    if visual_embeddings.shape[0] != height * width:
+        raise ValueError(f"{visual_embeddings.shape[0]} visual tokens do not fill a {height}x{width} grid.")
+    if pooling == "raster":
+        return F.adaptive_avg_pool1d(visual_embeddings.T[None], num_latents)[0].T
+    if pooling != "grid":
+        raise ValueError(f"latent_target_pooling must be 'grid' or 'raster'; got {pooling!r}.")
+    factors = [(a, num_latents // a) for a in range(1, num_latents + 1) if num_latents % a == 0]
+    kh, kw = min(factors, key=lambda f: abs(math.log(f[0] / f[1]) - math.log(height / width)))
+    grid = visual_embeddings.T.reshape(1, -1, height, width)
+    return F.adaptive_avg_pool2d(grid, (kh, kw))[0].reshape(visual_embeddings.shape[1], -1).T
+
+
+@dataclass
+class GapCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+    """
+    Output of [`GapQwen2_5VLForConditionalGeneration`]: the stock multimodal outputs plus
+
+    Args:
+        ce_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Cross-entropy on the labelled text tokens (returned when `labels` is given).
+        latent_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Loss of the latent head's predictions against the latent targets (returned when the batch has spans).
+        latent_predictions (`torch.FloatTensor` of shape `(num_spans, K, hidden_size)`, *optional*):
+            The head's output at each latent slot, computed from the hidden state before the slot.
+        latent_targets (`torch.FloatTensor` of shape `(num_spans, K, hidden_size)`, *optional*):
+            The targets of those slots (spans in batch order: row by row, left to right).
+    """
+
+    ce_loss: torch.FloatTensor | None = None
+    latent_loss: torch.FloatTensor | None = None
+    latent_predictions: torch.FloatTensor | None = None
+    latent_targets: torch.FloatTensor | None = None
+
+
+class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL that reasons with K continuous visual latents per `<|latent_start|> ... <|latent_end|>` span.
+
+    `forward` is the stock forward plus teacher-forced latent supervision: latent slots (`<|latent_pad|>` ids in
+    `input_ids`) receive the latent targets as input embeddings and the latent head's prediction at each slot
+    (from the hidden state before it) is regressed on its target, all in one pass. `generate` (from
+    [`GapGenerationMixin`]) feeds the head's own outputs back instead.
+    """
+
+    config_class = GapQwen2_5VLConfig
+    config: GapQwen2_5VLConfig
+
+    def __init__(self, config: GapQwen2_5VLConfig):
+        super().__init__(config)
+        self.latent_head = GapLatentHead(config)
+        self.latent_head.reset_parameters()
+        # `register_for_auto_class` records one auto class per class; this one also loads as a causal LM.
+        auto_map = dict(getattr(config, "auto_map", None) or {})
+        auto_map.setdefault("AutoModelForCausalLM", f"{_module_leaf(type(self))}.{type(self).__name__}")
+        self.config.auto_map = auto_map
+
+    def _init_weights(self, module):
+        if isinstance(module, GapLatentHead):
+            module.reset_parameters()
+            return
+        super()._init_weights(module)
+
+    # ---- latent spans -------------------------------------------------------------------------------------
+    def latent_slot_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
+        """(batch, seq) ids -> (batch, seq) True at latent slots. Checks that every span is start + K pads + end."""
+        pad_id, start_id, end_id = self.config.latent_token_ids
+        if pad_id is None or start_id is None or end_id is None:
+            raise ValueError(
+                "config.latent_pad_token_id / latent_start_token_id / latent_end_token_id are not set: build the "
+                "model with `from_qwen2_5_vl` or set the three ids of the latent tokens."
+            )
+        slots = input_ids == pad_id
+        if not slots.any() and not (input_ids == start_id).any():
+            return slots
+        k = self.config.num_latent_tokens
+        for row, ids in enumerate(input_ids.tolist()):
+            starts = [i for i, t in enumerate(ids) if t == start_id]
+            n_pads = sum(t == pad_id for t in ids)
+            for s in starts:
+                if s == len(ids) - 1:
+                    continue  # a span opened by the last token (a prompt that ends in latent mode) is fine
+                span = ids[s + 1 : s + 2 + k]
+                if span[:k] != [pad_id] * k or len(span) <= k or span[k] != end_id:
+                    got = next((j for j, t in enumerate(ids[s + 1 :]) if t != pad_id), len(ids) - s - 1)
+                    raise ValueError(
+                        f"Row {row}: the latent span opened at position {s} has {got} <|latent_pad|> slots "
+                        f"{'and no <|latent_end|>' if len(span) <= k or got != k else ''} but "
+                        f"config.num_latent_tokens (K) is {k}: a span is <|latent_start|> + K x <|latent_pad|> + "
+                        "<|latent_end|> (let the processor expand <|latent|> markers)."
+                    )
+            complete = len(starts) - (bool(starts) and starts[-1] == len(ids) - 1)
+            if n_pads != k * complete:
+                raise ValueError(
+                    f"Row {row}: {n_pads} <|latent_pad|> slots stand outside complete spans "
+                    f"({len(starts)} spans of K={k})."
+                )
+        return slots
+
+    def encode_latent_targets(
+        self, aux_pixel_values: torch.Tensor, aux_image_grid_thw: torch.LongTensor
+    ) -> torch.Tensor:
+        """Aux images -> (n_aux, K, d) targets: the model's own visual input embeddings of each image (vision tower
+        + merger, no gradient), pooled to K by `config.latent_target_pooling`."""
+        with torch.no_grad():
+            features = self.model.get_image_features(aux_pixel_values, aux_image_grid_thw).pooler_output
+        merge = self.config.vision_config.spatial_merge_size
+        targets = [
+            pool_latent_targets(
+                f, (int(thw[1]) // merge, int(thw[2]) // merge), self.config.num_latent_tokens,
+                self.config.latent_target_pooling,
+            )
+            for f, thw in zip(features, aux_image_grid_thw)
+        ]
+        return torch.stack(targets).detach()
+
+    def _gather_latent_targets(self, latent_targets, aux_pixel_values, aux_image_grid_thw, slots, input_ids):
+        """The (n_spans, K, d) targets of the spans in `input_ids`, checked against the spans."""
+        k = self.config.num_latent_tokens
+        spans_per_row = (slots.sum(-1) // k).tolist()
+        n_spans = sum(spans_per_row)
+        if latent_targets is None and aux_pixel_values is None:
+            if n_spans:
+                row = next(i for i, n in enumerate(spans_per_row) if n)
+                raise ValueError(
+                    f"Row {row} has {spans_per_row[row]} latent span(s) but no latent targets were given: pass "
+                    "`latent_targets` (num_spans, K, hidden) or the aux images (`aux_pixel_values`, "
+                    "`aux_image_grid_thw`) that the spans stand for."
+                )
+            return None
+        if latent_targets is None:
+            if aux_image_grid_thw is None:
+                raise ValueError("`aux_pixel_values` needs `aux_image_grid_thw` (one (t, h, w) row per aux image).")
+            latent_targets = self.encode_latent_targets(aux_pixel_values, aux_image_grid_thw)
+        elif isinstance(latent_targets, (list, tuple)):
+            per_row = [torch.as_tensor(t) for t in latent_targets]
+            if len(per_row) != len(spans_per_row):
+                raise ValueError(f"latent_targets has {len(per_row)} rows; the batch has {len(spans_per_row)}.")
+            for row, (t, n) in enumerate(zip(per_row, spans_per_row)):
+                if t.shape[0] != n:
+                    raise ValueError(f"Row {row} has {n} latent span(s) but {t.shape[0]} sets of latent targets.")
+            latent_targets = torch.cat([t.reshape(-1, *t.shape[-2:]) for t in per_row]) if per_row else None
+        if latent_targets.ndim != 3 or latent_targets.shape[1] != k:
+            raise ValueError(
+                f"latent_targets must have shape (num_spans, K={k}, hidden); got {tuple(latent_targets.shape)}: "
+                "each span's K must equal config.num_latent_tokens."
+            )
+        if latent_targets.shape[0] != n_spans:
+            raise ValueError(
+                f"The batch has {n_spans} latent span(s) (per row: {spans_per_row}) but {latent_targets.shape[0]} "
+                "sets of latent targets (aux images): give exactly one per span, in row order."
+            )
+        return latent_targets
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict | None = None,
+        latent_targets: torch.Tensor | list[torch.Tensor] | None = None,
+        aux_pixel_values: torch.Tensor | None = None,
+        aux_image_grid_thw: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> GapCausalLMOutputWithPast:
+        r"""
+        The stock Qwen2.5-VL forward, plus:
+
+        latent_targets (`torch.FloatTensor` of shape `(num_spans, K, hidden_size)` or a list of per-row
+            `(num_spans_i, K, hidden_size)`, *optional*): targets of the latent spans in `input_ids`, spans in
+            batch order (row by row, left to right).
+        aux_pixel_values (`torch.FloatTensor` of shape `(num_aux_patches, patch_dim)`, *optional*) and
+        aux_image_grid_thw (`torch.LongTensor` of shape `(num_aux_images, 3)`, *optional*): one aux image per
+            span, encoded by the model's own vision tower and pooled to K targets (used when `latent_targets`
+            is not given).
+
+        Returns `loss = ce_loss + config.latent_loss_weight * latent_loss`, `ce_loss`, `latent_loss`,
+        `latent_predictions`, `latent_targets` and the stock outputs.
+        """
+        slots = None
+        targets = None
+        if input_ids is not None and (cache is None or cache.get_seq_length() == 0):
+            slots = self.latent_slot_mask(input_ids)
+            targets = self._gather_latent_targets(latent_targets, aux_pixel_values, aux_image_grid_thw, slots, input_ids)
+        has_spans = targets is not None and targets.shape[0] > 0
+
+        if pixel_values is not None and mm_encoder_outputs is None:
+            image_outputs = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+            mm_encoder_outputs = {"image": image_outputs}
+            pixel_values = None
+            if self.training:
+                self.latent_head.update_ema_norm(torch.cat(image_outputs.pooler_output).detach())
+
+        if has_spans:
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            targets = targets.to(inputs_embeds.device, inputs_embeds.dtype)
+            fed = self.latent_head.teacher_inputs(targets).reshape(-1, inputs_embeds.shape[-1])
+            inputs_embeds = inputs_embeds.masked_scatter(slots[..., None].to(inputs_embeds.device), fed)
+
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts,
+            mm_token_type_ids=mm_token_type_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+
+        ce_loss = None
+        if labels is not None:
+            labels = labels.masked_fill(labels == self.config.latent_pad_token_id, -100)
+            ce_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+
+        latent_loss = latent_predictions = None
+        if has_spans:
+            # The state before slot p (at p - 1) predicts slot p, exactly as in generation.
+            previous = torch.roll(slots, shifts=-1, dims=1).to(hidden_states.device)
+            weight = self.config.latent_loss_weight
+            with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
+                latent_predictions = self.latent_head(hidden_states[previous]).reshape(targets.shape)
+                latent_loss = self.latent_head.loss(latent_predictions.flatten(0, 1), targets.flatten(0, 1))
+            if weight == 0:
+                latent_loss = latent_loss.detach()
+
+        loss = ce_loss
+        if latent_loss is not None and self.config.latent_loss_weight > 0:
+            weighted = self.config.latent_loss_weight * latent_loss
+            loss = weighted if loss is None else loss + weighted
+
+        return GapCausalLMOutputWithPast(
+            loss=loss,
+            ce_loss=ce_loss,
+            latent_loss=latent_loss,
+            latent_predictions=latent_predictions,
+            latent_targets=targets if has_spans else None,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs,
+        )
+
+
+def _module_leaf(cls) -> str:
+    return cls.__module__.split(".")[-1]
+
+
+# ---- fitting the head and converting stock checkpoints -----------------------------------------------------
+@torch.no_grad()
+def visual_input_embeddings(model, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
+    """(n_tokens, d): what fills the `<|image_pad|>` slots for these images (vision tower + merger)."""
+    device = next(model.parameters()).device
+    features = model.model.get_image_features(pixel_values.to(device), image_grid_thw.to(device)).pooler_output
+    return torch.cat(features)
+
+
+@torch.no_grad()
+def fit_latent_head_pca(
+    model: GapQwen2_5VLForConditionalGeneration,
+    calibration: Iterable,
+    image_processor=None,
+    rank: int | None = None,
+    method: str = "exact",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict:
+    """Fit the latent head's `pca_mean`, `pca_components`, `pca_scale` (and `ema_norm`) on calibration images.
+
+    `calibration` streams any of: PIL images (then `image_processor` is needed), dicts with `pixel_values` and
+    `image_grid_thw`, or (n, d) tensors of visual input embeddings. Only the (d, d) moments stay in memory.
+    `method` is `"exact"` or `"randomized"`. Returns the statistics and the count of vectors seen.
+    """
+    head = model.latent_head
+    rank = rank or head.rank
+    if rank != head.rank:
+        raise ValueError(f"rank={rank} differs from the head's rank {head.rank} (config.latent_pca_rank, capped at d).")
+    pca = StreamingPCA(head.pca_mean.shape[0])
+    pending = []
+
+    def flush():
+        if pending:
+            batch = image_processor(images=list(pending), return_tensors="pt")
+            pca.update(visual_input_embeddings(model, batch["pixel_values"], batch["image_grid_thw"]))
+            pending.clear()
+
+    iterator = calibration
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(calibration, desc="PCA calibration")
+    was_training = model.training
+    model.eval()
+    for item in iterator:
+        if isinstance(item, torch.Tensor):
+            pca.update(item)
+        elif isinstance(item, dict) or hasattr(item, "keys"):
+            pca.update(visual_input_embeddings(model, item["pixel_values"], item["image_grid_thw"]))
+        else:
+            if image_processor is None:
+                raise ValueError("Calibration images need `image_processor` (e.g. `processor.image_processor`).")
+            pending.extend(item if isinstance(item, (list, tuple)) else [item])
+            if len(pending) >= batch_size:
+                flush()
+    flush()
+    model.train(was_training)
+    mean, components, scale = pca.compute(rank, method)
+    device = head.pca_mean.device
+    head.set_pca(mean.to(device), components.to(device), scale.to(device))
+    head.ema_norm.fill_(pca.mean_norm)
+    return {"mean": mean, "components": components, "scale": scale, "count": pca.count, "mean_norm": pca.mean_norm}
+
+
+def add_latent_tokens(tokenizer) -> tuple[int, int, int]:
+    """Add `<|latent_pad|>`, `<|latent_start|>`, `<|latent_end|>` (in that order) as special tokens; return their ids
+    (pad, start, end). Tokens already present keep their ids."""
+    from .configuration_gap import LATENT_END_TOKEN, LATENT_PAD_TOKEN, LATENT_START_TOKEN
+
+    tokens = [LATENT_PAD_TOKEN, LATENT_START_TOKEN, LATENT_END_TOKEN]
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    return tuple(tokenizer.convert_tokens_to_ids(t) for t in tokens)
+
+
+def from_qwen2_5_vl(base_model_or_path, processor=None, **gap_options):
+    """Turn a stock Qwen2.5-VL (a model, or a path / repo id) into a GAP model; stock weights stay untouched.
+
+    Adds the three latent tokens to the processor's tokenizer (resizing the embeddings only if the vocabulary is
+    full), builds the config with `gap_options` (fields of [`GapQwen2_5VLConfig`], e.g. `num_latent_tokens=8`,
+    `latent_feedback="pca"`) and a freshly initialised latent head. `processor` defaults to the one saved at the
+    path. Returns `(model, processor)`, the processor a [`GapQwen2_5VLProcessor`].
+    """
+    from .processing_gap import GapQwen2_5VLProcessor
+
+    if isinstance(base_model_or_path, (str, bytes)) or hasattr(base_model_or_path, "__fspath__"):
+        path = str(base_model_or_path)
+        base = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=gap_options.pop("dtype", "auto"))
+        if processor is None:
+            processor = GapQwen2_5VLProcessor.from_stock_pretrained(path)
+    else:
+        base = base_model_or_path
+        if processor is None:
+            raise ValueError("Converting an in-memory model needs its `processor` (or tokenizer's processor).")
+    if not isinstance(processor, GapQwen2_5VLProcessor):
+        processor = GapQwen2_5VLProcessor.from_stock(processor)
+
+    pad_id, start_id, end_id = add_latent_tokens(processor.tokenizer)
+    config_dict = base.config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        config_dict.pop(key, None)
+    config = GapQwen2_5VLConfig(
+        **config_dict,
+        **gap_options,
+        latent_pad_token_id=pad_id,
+        latent_start_token_id=start_id,
+        latent_end_token_id=end_id,
+    )
+    processor.num_latent_tokens = config.num_latent_tokens
+
+    dtype = next(base.parameters()).dtype
+    device = next(base.parameters()).device
+    with torch.device("meta"):
+        model = GapQwen2_5VLForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False, assign=True)
+    if unexpected or any(not k.startswith("latent_head.") for k in missing):
+        raise RuntimeError(f"Stock weights do not fit the GAP model: missing {missing}, unexpected {unexpected}.")
+    # Non-persistent buffers (rotary frequencies) are not in the state dict: share the stock ones.
+    for name, buffer in base.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buffer
+    model.latent_head = GapLatentHead(config).to(device=device, dtype=dtype)
+    model.latent_head.reset_parameters()
+    model.tie_weights()
+    model.generation_config = base.generation_config
+    if len(processor.tokenizer) > config.text_config.vocab_size:
+        model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+    return model.eval() if not base.training else model, processor
+
+
+__all__ = [
+    "GapCausalLMOutputWithPast",
+    "GapLatentHead",
+    "GapQwen2_5VLForConditionalGeneration",
+    "StreamingPCA",
+    "add_latent_tokens",
+    "fit_latent_head_pca",
+    "from_qwen2_5_vl",
+    "pool_latent_targets",
+]

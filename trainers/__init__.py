@@ -1,0 +1,1 @@
+"""TRL-based trainers for GAP models (GapSFTConfig / GapSFTTrainer)."""
