@@ -1,5 +1,246 @@
-"""Latent-aware generation for GAP models (filled in by the generation issue)."""
+"""Latent-aware generation for GAP models.
+
+`GapGenerationMixin.generate` is transformers' `generate` (same arguments, same `GenerationConfig`, same logits
+processors, stopping criteria and streamer) with one change in the decoding loop: a row that emits
+`<|latent_start|>` receives, for the next K steps, the latent head's output (computed from its last hidden state) as
+its input embedding instead of a token embedding; then `<|latent_end|>` is forced and text resumes. Rows in text and
+in latent mode share one forward per step over the KV cache, with explicit 3-D M-RoPE positions (each latent takes
+the next text position).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+LATENT_INTERVENTIONS = (None, "zero", "noise", "shuffle", "mean", "drop")
+
+
+@dataclass
+class GapGenerateOutput(GenerateDecoderOnlyOutput):
+    """
+    [`GenerateDecoderOnlyOutput`] plus the latents that were fed back.
+
+    Args:
+        latents (`list[torch.FloatTensor]`, one per row):
+            Row i's latents, of shape `(num_spans_i, K, hidden_size)`: what was fed at each latent slot, after any
+            `latent_intervention`, spans in order. A span cut short by `max_new_tokens` is left out.
+    """
+
+    latents: list[torch.FloatTensor] | None = None
 
 
 class GapGenerationMixin:
-    pass
+    """Adds latent reasoning to `generate`. Extra keyword arguments of `generate`:
+
+    - `latent_feedback` (`"pca" | "ema_norm" | "raw"`): override `config.latent_feedback` for this call.
+    - `latent_intervention` (`None | "zero" | "noise" | "shuffle" | "mean" | "drop"`), for probing: `zero` feeds
+      zeros; `noise` feeds Gaussian noise rescaled to each latent's norm; `shuffle` permutes the coordinates of every
+      latent by one fixed random permutation; `mean` feeds the mean visual input embedding (`latent_head.pca_mean`);
+      `drop` never opens a span (`<|latent_start|>` is suppressed), so the answer is produced without latents.
+    - `latent_intervention_seed` (`int`, default 0): seeds `noise` and `shuffle`.
+    - `max_latent_spans` (`int`): after this many spans a row can no longer open one.
+    - `return_latents` (`bool`): return a [`GapGenerateOutput`] (as `return_dict_in_generate=True` does) whose
+      `latents` hold what was fed.
+    - `latent_targets`: vectors for complete latent spans already in the prompt (e.g. a previous output's latents).
+
+    Greedy search and sampling are supported (`num_beams=1`).
+    """
+
+    _latent_generation_options: dict | None = None
+
+    def generate(
+        self,
+        *args,
+        latent_feedback: str | None = None,
+        latent_intervention: str | None = None,
+        latent_intervention_seed: int = 0,
+        max_latent_spans: int | None = None,
+        return_latents: bool = False,
+        **kwargs,
+    ):
+        if latent_feedback not in (None, "pca", "ema_norm", "raw"):
+            raise ValueError(f"latent_feedback must be None, 'pca', 'ema_norm' or 'raw'; got {latent_feedback!r}.")
+        if latent_intervention not in LATENT_INTERVENTIONS:
+            raise ValueError(f"latent_intervention must be one of {LATENT_INTERVENTIONS}; got {latent_intervention!r}.")
+        if max_latent_spans is not None and (not isinstance(max_latent_spans, int) or max_latent_spans < 0):
+            raise ValueError(f"max_latent_spans must be None or an integer >= 0; got {max_latent_spans!r}.")
+        if return_latents:
+            kwargs["return_dict_in_generate"] = True
+        self._latent_generation_options = dict(
+            feedback=latent_feedback or self.config.latent_feedback,
+            intervention=latent_intervention,
+            seed=latent_intervention_seed,
+            max_spans=max_latent_spans,
+        )
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._latent_generation_options = None
+
+    def _beam_search(self, *args, **kwargs):
+        raise NotImplementedError("GAP generate supports greedy search and sampling (num_beams=1).")
+
+    # ---- one decoding step, shared by every row and every mode ----------------------------------------------
+    def latent_step(
+        self,
+        tokens: torch.LongTensor,
+        latent_mode: torch.BoolTensor,
+        previous_hidden: torch.Tensor,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        cache,
+        feedback: str,
+        intervention: str | None = None,
+        intervention_noise: torch.Tensor | None = None,
+        intervention_permutation: torch.LongTensor | None = None,
+    ):
+        """Feed one element per row and return `(logits (B, V) fp32, hidden (B, d), fed_latents (B, d))`.
+
+        Rows with `latent_mode` get the latent head's output on `previous_hidden` (B, d) as input embedding (after
+        the intervention), the others the embedding of `tokens` (B,). `position_ids` is (3, B, 1), `attention_mask`
+        (B, total_length), `cache` the KV cache. Mode switches are data, not control flow.
+        """
+        latents = self.latent_head(previous_hidden, feedback=feedback)
+        if intervention == "zero":
+            latents = torch.zeros_like(latents)
+        elif intervention == "noise":
+            noise = intervention_noise.to(latents.dtype)
+            latents = noise * (latents.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        elif intervention == "shuffle":
+            latents = latents[:, intervention_permutation]
+        elif intervention == "mean":
+            latents = self.latent_head.pca_mean.to(latents.dtype).expand_as(latents)
+        token_embeddings = self.get_input_embeddings()(tokens)
+        embeds = torch.where(latent_mode[:, None], latents.to(token_embeddings.dtype), token_embeddings)[:, None]
+        outputs = self.model.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+        )
+        hidden = outputs.last_hidden_state[:, -1]
+        logits = self.lm_head(hidden).float()
+        return logits, hidden, latents
+
+    # ---- the decoding loop (transformers' `_sample`, latent-aware) ------------------------------------------
+    def _sample(
+        self,
+        input_ids: torch.LongTensor,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        synced_gpus: bool = False,
+        streamer=None,
+        **model_kwargs,
+    ):
+        options = self._latent_generation_options or dict(
+            feedback=self.config.latent_feedback, intervention=None, seed=0, max_spans=None
+        )
+        feedback, intervention = options["feedback"], options["intervention"]
+        pad_id, start_id, end_id = self.config.latent_token_ids
+        if start_id is None:
+            raise ValueError("config.latent_start_token_id is not set: this model cannot open latent spans.")
+        k = self.config.num_latent_tokens
+        device = input_ids.device
+        batch_size, prompt_length = input_ids.shape
+        pad_token = generation_config._pad_token_tensor
+        has_eos_stopping_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+        return_dict = generation_config.return_dict_in_generate
+        scores = () if return_dict and generation_config.output_scores else None
+        raw_logits = () if return_dict and generation_config.output_logits else None
+
+        attention_mask = model_kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        last_position = model_kwargs["position_ids"][-3:, :, -1:]  # (3, B, 1) rope axes of the last prompt element
+
+        model_kwargs["logits_to_keep"] = 1
+        outputs = self._prefill(input_ids, generation_config, model_kwargs)
+        cache = outputs.cache
+        logits = outputs.logits[:, -1].float()
+        hidden = outputs.last_hidden_state[:, -1]
+        if feedback == "ema_norm" and float(self.latent_head.ema_norm) == 0 and outputs.image_outputs is not None:
+            # Training-free calibration when the buffer was never set: the prompt's own visual input embeddings.
+            self.latent_head.update_ema_norm(torch.cat(outputs.image_outputs.pooler_output))
+
+        generator = torch.Generator(device=device).manual_seed(options["seed"])
+        permutation = None
+        if intervention == "shuffle":
+            permutation = torch.randperm(hidden.shape[-1], generator=generator, device=device)
+
+        unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        slots_left = torch.where(input_ids[:, -1] == start_id, k, 0).to(device)  # a prompt may end in latent mode
+        end_due = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        spans_opened = (input_ids == start_id).sum(-1)
+        latent_records = []  # (appended-a-slot mask (B,), fed latents (B, d)) per step
+
+        while True:
+            if raw_logits is not None:
+                raw_logits += (logits,)
+            next_scores = logits_processor(input_ids, logits.clone() if raw_logits is not None else logits)
+            # `drop` and `max_latent_spans` win over every logits processor: the span cannot open.
+            if intervention == "drop":
+                next_scores[:, start_id] = -float("inf")
+            elif options["max_spans"] is not None:
+                blocked = spans_opened >= options["max_spans"]
+                next_scores[:, start_id] = next_scores[:, start_id].masked_fill(blocked, -float("inf"))
+            if scores is not None:
+                scores += (next_scores,)
+            if generation_config.do_sample:
+                sampled = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                sampled = next_scores.argmax(dim=-1)
+
+            append_slot = (slots_left > 0) & unfinished
+            next_tokens = torch.where(append_slot, pad_id, torch.where(end_due, end_id, sampled))
+            if has_eos_stopping_criteria:
+                next_tokens = torch.where(unfinished, next_tokens, pad_token)
+            opens = (next_tokens == start_id) & unfinished & ~append_slot
+            end_due = append_slot & (slots_left == 1)
+            slots_left = torch.where(append_slot, slots_left - 1, torch.where(opens, k, 0))
+            spans_opened = spans_opened + opens.long()
+
+            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+            if streamer is not None and not bool(append_slot.any() or (next_tokens == end_id).any() or opens.any()):
+                streamer.put(next_tokens.cpu())
+            unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+            if not bool(unfinished.any()):
+                break
+
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=-1)
+            last_position = last_position + 1
+            noise = None
+            if intervention == "noise":
+                noise = torch.randn(hidden.shape, generator=generator, device=device, dtype=torch.float32)
+            logits, hidden, fed = self.latent_step(
+                next_tokens, append_slot, hidden, last_position, attention_mask, cache, feedback,
+                intervention, noise, permutation,
+            )
+            latent_records.append((append_slot, fed))
+
+        if streamer is not None:
+            streamer.end()
+        if not return_dict:
+            return input_ids
+        return GapGenerateOutput(
+            sequences=input_ids,
+            scores=scores,
+            logits=raw_logits,
+            cache=cache,
+            latents=self._collect_latents(latent_records, batch_size, k),
+        )
+
+    @staticmethod
+    def _collect_latents(records, batch_size: int, k: int) -> list[torch.Tensor]:
+        """Per row, the fed latents as (num_complete_spans, K, d)."""
+        if not records:
+            return [torch.zeros(0, k, 0) for _ in range(batch_size)]
+        mask = torch.stack([m for m, _ in records], dim=1)  # (B, steps)
+        fed = torch.stack([f for _, f in records], dim=1)  # (B, steps, d)
+        latents = []
+        for row in range(batch_size):
+            row_latents = fed[row][mask[row]]
+            complete = row_latents.shape[0] // k * k
+            latents.append(row_latents[:complete].reshape(-1, k, fed.shape[-1]))
+        return latents
+
+
+__all__ = ["GapGenerateOutput", "GapGenerationMixin", "LATENT_INTERVENTIONS"]

@@ -208,12 +208,16 @@ class GapCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
             The head's output at each latent slot, computed from the hidden state before the slot.
         latent_targets (`torch.FloatTensor` of shape `(num_spans, K, hidden_size)`, *optional*):
             The targets of those slots (spans in batch order: row by row, left to right).
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, kept_length, hidden_size)`):
+            The final-layer states the LM head read (sliced like the logits by `logits_to_keep`): what the latent
+            head maps to the next latent.
     """
 
     ce_loss: torch.FloatTensor | None = None
     latent_loss: torch.FloatTensor | None = None
     latent_predictions: torch.FloatTensor | None = None
     latent_targets: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
 
 
 class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForConditionalGeneration):
@@ -409,7 +413,8 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        kept_hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
+        logits = self.lm_head(kept_hidden_states)
 
         ce_loss = None
         if labels is not None:
@@ -441,6 +446,7 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
             latent_predictions=latent_predictions,
             latent_targets=targets if has_spans else None,
             logits=logits,
+            last_hidden_state=kept_hidden_states,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
