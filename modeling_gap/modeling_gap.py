@@ -359,6 +359,7 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
         latent_targets: torch.Tensor | list[torch.Tensor] | None = None,
         aux_pixel_values: torch.Tensor | None = None,
         aux_image_grid_thw: torch.LongTensor | None = None,
+        latent_inputs: torch.Tensor | None = None,
         **kwargs,
     ) -> GapCausalLMOutputWithPast:
         r"""
@@ -371,6 +372,9 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
         aux_image_grid_thw (`torch.LongTensor` of shape `(num_aux_images, 3)`, *optional*): one aux image per
             span, encoded by the model's own vision tower and pooled to K targets (used when `latent_targets`
             is not given).
+        latent_inputs (`torch.FloatTensor` of shape `(num_spans, K, hidden_size)`, *optional*): what to feed at the
+            latent slots instead of the (projected) targets, e.g. closed-loop latents from
+            [`~GapQwen2_5VLForConditionalGeneration.closed_loop_latent_inputs`]; the loss still regresses on targets.
 
         Returns `loss = ce_loss + config.latent_loss_weight * latent_loss`, `ce_loss`, `latent_loss`,
         `latent_predictions`, `latent_targets` and the stock outputs.
@@ -393,7 +397,10 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
             if inputs_embeds is None:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
             targets = targets.to(inputs_embeds.device, inputs_embeds.dtype)
-            fed = self.latent_head.teacher_inputs(targets).reshape(-1, inputs_embeds.shape[-1])
+            fed = latent_inputs if latent_inputs is not None else self.latent_head.teacher_inputs(targets)
+            if fed.shape != targets.shape:
+                raise ValueError(f"latent_inputs has shape {tuple(fed.shape)}; the spans need {tuple(targets.shape)}.")
+            fed = fed.to(inputs_embeds.device, inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
             inputs_embeds = inputs_embeds.masked_scatter(slots[..., None].to(inputs_embeds.device), fed)
 
         outputs = self.model(
@@ -453,6 +460,28 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
             image_outputs=outputs.image_outputs,
             video_outputs=outputs.video_outputs,
         )
+
+
+    @torch.no_grad()
+    def closed_loop_latent_inputs(self, **batch) -> torch.Tensor | None:
+        """The (num_spans, K, d) latents the model itself would feed at the slots of `batch` (closed loop).
+
+        A slot's latent depends only on the slots before it, so n teacher-forced passes (n = most slots in a row),
+        each feeding the head's predictions of the previous pass, reach exactly what a step-by-step closed loop feeds
+        (no gradient).
+        Feed the result as `latent_inputs` to train with `latent_feedback_training="self"`.
+        """
+        batch = {k: v for k, v in batch.items() if k not in ("labels", "latent_inputs")}
+        outputs = self(**batch)
+        if outputs.latent_predictions is None:
+            return None
+        targets = outputs.latent_targets
+        batch = {k: v for k, v in batch.items() if k not in ("aux_pixel_values", "aux_image_grid_thw")}
+        batch["latent_targets"] = targets
+        passes = int(self.latent_slot_mask(batch["input_ids"]).sum(-1).max())
+        for _ in range(passes - 1):
+            outputs = self(**batch, latent_inputs=outputs.latent_predictions)
+        return outputs.latent_predictions.detach()
 
 
 def _module_leaf(cls) -> str:

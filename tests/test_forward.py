@@ -58,3 +58,36 @@ def test_teacher_forced_forward_matches_cached_loop(tiny_gap):
         zeroed = model(**{k: v for k, v in batch.items() if not k.startswith("aux")},
                        latent_targets=torch.zeros_like(full.latent_targets))
     assert (zeroed.logits - full.logits).abs()[real].max() > 1e-3
+
+
+def test_closed_loop_latents_equal_generation(tiny_gap):
+    """`closed_loop_latent_inputs` feeds exactly what generate feeds (the self-feedback training path)."""
+    from transformers import LogitsProcessorList
+
+    from test_generation import ForceTokenAtStep
+
+    model, processor = tiny_gap
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=[solid_image(COLORS[0])], text=[chat(processor, "Where?")], return_tensors="pt")
+    prompt = batch["input_ids"].shape[1]
+    force = LogitsProcessorList([ForceTokenAtStep(model.config.latent_start_token_id, {0: 1}, prompt)])
+    k = model.config.num_latent_tokens
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=2 * k + 6, do_sample=False, return_latents=True,
+                             logits_processor=force, sequence_bias={(model.config.latent_start_token_id,): 4.0})
+    latents = out.latents[0]
+    assert latents.shape[0] >= 1
+    spans = latents.shape[0]
+    pad, start, end = model.config.latent_token_ids
+    sequence = out.sequences[:, :]
+    last_end = [i for i, t in enumerate(sequence[0].tolist()) if t == end][spans - 1]
+    sequence = sequence[:, : last_end + 1]
+    length = sequence.shape[1]
+    inputs = dict(
+        input_ids=sequence, attention_mask=torch.ones_like(sequence), pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros(1, length - prompt, dtype=torch.long)], 1),
+        latent_targets=torch.zeros_like(latents),
+    )
+    closed = model.closed_loop_latent_inputs(**inputs)
+    assert (closed - latents).abs().max() < 1e-4
