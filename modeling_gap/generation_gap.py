@@ -11,6 +11,8 @@ the next text position).
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicCache
+from transformers.generation.configuration_utils import CompileConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 LATENT_INTERVENTIONS = (None, "zero", "noise", "shuffle", "mean", "drop")
@@ -121,6 +123,19 @@ class GapGenerationMixin:
         return logits, hidden, latents
 
     # ---- the decoding loop (transformers' `_sample`, latent-aware) ------------------------------------------
+    def _latent_step_function(self, cache, generation_config):
+        """`latent_step`, compiled with `torch.compile` when the cache is static and compilation applies (an
+        accelerator, or an explicit `compile_config` on any device; never with `disable_compile`)."""
+        compileable = cache is not None and getattr(cache, "is_compileable", False) and type(cache) is not DynamicCache
+        wanted = self.device.type != "cpu" or generation_config.compile_config is not None
+        if not (compileable and wanted) or generation_config.disable_compile:
+            return self.latent_step, False
+        compile_config = generation_config.compile_config or CompileConfig(fullgraph=True)
+        if getattr(self, "_latent_step_compile_config", None) != compile_config:
+            self._latent_step_compile_config = compile_config
+            self._compiled_latent_step = torch.compile(self.latent_step, **compile_config.to_dict())
+        return self._compiled_latent_step, True
+
     def _sample(
         self,
         input_ids: torch.LongTensor,
@@ -147,19 +162,31 @@ class GapGenerationMixin:
         scores = () if return_dict and generation_config.output_scores else None
         raw_logits = () if return_dict and generation_config.output_logits else None
 
-        attention_mask = model_kwargs.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        prompt_mask = model_kwargs.get("attention_mask")
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(input_ids)
         last_position = model_kwargs["position_ids"][-3:, :, -1:]  # (3, B, 1) rope axes of the last prompt element
 
         model_kwargs["logits_to_keep"] = 1
         outputs = self._prefill(input_ids, generation_config, model_kwargs)
         cache = outputs.cache
         logits = outputs.logits[:, -1].float()
-        hidden = outputs.last_hidden_state[:, -1]
+        hidden = outputs.last_hidden_state[:, -1].contiguous()  # the same strides as every later step
         if feedback == "ema_norm" and float(self.latent_head.ema_norm) == 0 and outputs.image_outputs is not None:
             # Training-free calibration when the buffer was never set: the prompt's own visual input embeddings.
             self.latent_head.update_ema_norm(torch.cat(outputs.image_outputs.pooler_output))
+        del outputs
+
+        step_function, compiled = self._latent_step_function(cache, generation_config)
+        static = getattr(cache, "is_compileable", False) and type(cache) is not DynamicCache
+        if static:
+            # One mask of fixed shape for every step: causality hides the slots not written yet.
+            max_cache_length = cache.get_max_length()
+            attention_mask = torch.cat(
+                [prompt_mask, prompt_mask.new_ones(batch_size, max_cache_length - prompt_length)], dim=-1
+            )
+        else:
+            attention_mask = prompt_mask
 
         generator = torch.Generator(device=device).manual_seed(options["seed"])
         permutation = None
@@ -171,8 +198,12 @@ class GapGenerationMixin:
         end_due = torch.zeros(batch_size, dtype=torch.bool, device=device)
         spans_opened = (input_ids == start_id).sum(-1)
         latent_records = []  # (appended-a-slot mask (B,), fed latents (B, d)) per step
+        # Reading a flag from the device waits for it: on accelerators, look only every few steps and trim after.
+        check_every = 1 if device.type == "cpu" or streamer is not None else 4
+        any_unfinished = []
+        max_steps = generation_config.max_length - prompt_length
 
-        while True:
+        for step in range(max_steps):
             if raw_logits is not None:
                 raw_logits += (logits,)
             next_scores = logits_processor(input_ids, logits.clone() if raw_logits is not None else logits)
@@ -202,19 +233,34 @@ class GapGenerationMixin:
             if streamer is not None and not bool(append_slot.any() or (next_tokens == end_id).any() or opens.any()):
                 streamer.put(next_tokens.cpu())
             unfinished = unfinished & ~stopping_criteria(input_ids, scores)
-            if not bool(unfinished.any()):
+            any_unfinished.append(unfinished.any())
+            if step == max_steps - 1 or ((step + 1) % check_every == 0 and not bool(any_unfinished[-1])):
                 break
 
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=-1)
+            if not static:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=-1)
             last_position = last_position + 1
             noise = None
             if intervention == "noise":
                 noise = torch.randn(hidden.shape, generator=generator, device=device, dtype=torch.float32)
-            logits, hidden, fed = self.latent_step(
+            if compiled and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            logits, hidden, fed = step_function(
                 next_tokens, append_slot, hidden, last_position, attention_mask, cache, feedback,
                 intervention, noise, permutation,
             )
+            if compiled:  # CUDA-graph outputs are overwritten by the next replay: keep copies
+                logits, hidden, fed = logits.clone(), hidden.clone(), fed.clone()
             latent_records.append((append_slot, fed))
+
+        # Steps taken after every row had finished (seen late) only appended padding: drop them.
+        done = (~torch.stack(any_unfinished)).nonzero()
+        if len(done):
+            keep = int(done[0]) + 1
+            input_ids = input_ids[:, : prompt_length + keep]
+            scores = scores[:keep] if scores is not None else None
+            raw_logits = raw_logits[:keep] if raw_logits is not None else None
+            latent_records = latent_records[:keep]
 
         if streamer is not None:
             streamer.end()

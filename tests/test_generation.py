@@ -12,7 +12,7 @@ QUESTIONS = ["Q?", "What colour is the big square?", "Where is the light corner,
 
 
 class ForceTokenAtStep(LogitsProcessor):
-    """Forces `token` at generation step `steps[row]` (steps counted from the prompt's end) in each listed row."""
+    """Forces `token` at generation step(s) `steps[row]` (an int or a set; counted from the prompt's end) per row."""
 
     def __init__(self, token, steps, prompt_length):
         self.token, self.steps, self.prompt_length = token, steps, prompt_length
@@ -20,7 +20,7 @@ class ForceTokenAtStep(LogitsProcessor):
     def __call__(self, input_ids, scores):
         step = input_ids.shape[1] - self.prompt_length
         for row, at in self.steps.items():
-            if at == step:
+            if step == at or (isinstance(at, (set, tuple, list)) and step in at):
                 scores[row] = torch.finfo(scores.dtype).min
                 scores[row, self.token] = 0
         return scores
