@@ -6,7 +6,8 @@ torch, transformers and each other.
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
-from .configuration_gap import GapQwen2_5VLConfig
+from .configuration_gap import LATENT_PRESETS, GapQwen2_5VLConfig
+from .generation_gap import GapGenerateOutput
 from .modeling_gap import (
     GapCausalLMOutputWithPast,
     GapLatentHead,
@@ -31,7 +32,9 @@ AutoModelForCausalLM.register(GapQwen2_5VLConfig, GapQwen2_5VLForConditionalGene
 AutoProcessor.register(GapQwen2_5VLConfig, GapQwen2_5VLProcessor, exist_ok=True)
 
 __all__ = [
+    "LATENT_PRESETS",
     "GapCausalLMOutputWithPast",
+    "GapGenerateOutput",
     "GapLatentHead",
     "GapQwen2_5VLConfig",
     "GapQwen2_5VLForConditionalGeneration",

@@ -12,6 +12,33 @@ LATENT_PAD_TOKEN = "<|latent_pad|>"
 LATENT_START_TOKEN = "<|latent_start|>"
 LATENT_END_TOKEN = "<|latent_end|>"
 LATENT_MARKER = "<|latent|>"
+LATENT_SPAN_RULES = ("fixed", "sampled_end")
+
+# How each public system marks and ends a latent span (GAP_SPEC.md section 9, read from their released code).
+# `added`: every token that system adds, in its order, so that a tokenizer missing them gets that system's ids.
+LATENT_PRESETS = {
+    "gap": dict(
+        latent_pad_token=LATENT_PAD_TOKEN, latent_start_token=LATENT_START_TOKEN, latent_end_token=LATENT_END_TOKEN,
+        added=[LATENT_PAD_TOKEN, LATENT_START_TOKEN, LATENT_END_TOKEN], latent_span_rule="fixed",
+        num_latent_tokens=8,
+    ),
+    "monet": dict(  # K = 8 in SFT, 10 at inference; the end token is forced after K
+        latent_pad_token="<abs_vis_token_pad>", latent_start_token="<abs_vis_token>",
+        latent_end_token="</abs_vis_token>",
+        added=["<abs_vis_token_pad>", "<abs_vis_token>", "</abs_vis_token>", "<observation>", "</observation>"],
+        latent_span_rule="fixed", num_latent_tokens=10,
+    ),
+    "mirage": dict(  # K = 4 in training; at inference the end token is sampled, or forced after 8
+        latent_pad_token=LATENT_PAD_TOKEN, latent_start_token=LATENT_START_TOKEN, latent_end_token=LATENT_END_TOKEN,
+        added=[LATENT_PAD_TOKEN, LATENT_START_TOKEN, LATENT_END_TOKEN], latent_span_rule="sampled_end",
+        num_latent_tokens=4, latent_max_tokens=8,
+    ),
+    "lvr": dict(  # a step quota (4, 8 or 16 latents), then the end token
+        latent_pad_token="<|lvr|>", latent_start_token="<|lvr_start|>", latent_end_token="<|lvr_end|>",
+        added=["<|lvr_start|>", "<|lvr|>", "<|lvr_latent_end|>", "<|lvr_end|>"], latent_span_rule="fixed",
+        num_latent_tokens=8,
+    ),
+}
 
 
 class GapQwen2_5VLConfig(Qwen2_5_VLConfig):
@@ -43,6 +70,20 @@ class GapQwen2_5VLConfig(Qwen2_5_VLConfig):
         latent_target_pooling (`str`, *optional*, defaults to `"grid"`):
             How an aux image's visual tokens are pooled to K targets: `"grid"` (adaptive average pooling over
             the 2-D token grid) or `"raster"` (K raster-order chunks, each mean-pooled, as Mirage does).
+        latent_span_rule (`str`, *optional*, defaults to `"fixed"`):
+            How generation ends a span: `"fixed"` (exactly K latents, then `<|latent_end|>` is forced) or
+            `"sampled_end"` (the span ends when the end token is the next token, or is forced after
+            `latent_max_tokens` latents; Mirage's rule).
+        latent_max_tokens (`int`, *optional*):
+            Most latents in a `"sampled_end"` span (defaults to K). Must be >= 1.
+        latent_preset (`str`, *optional*, defaults to `"gap"`):
+            Which system's tokens and span rule this checkpoint follows: `"gap"`, `"monet"`, `"mirage"` or `"lvr"`.
+        latent_pad_token (`str`, *optional*, defaults to `"<|latent_pad|>"`):
+            The token string of a latent slot (Monet: `<abs_vis_token_pad>`, LVR: `<|lvr|>`).
+        latent_start_token (`str`, *optional*, defaults to `"<|latent_start|>"`):
+            The token string that opens a span (Monet: `<abs_vis_token>`, LVR: `<|lvr_start|>`).
+        latent_end_token (`str`, *optional*, defaults to `"<|latent_end|>"`):
+            The token string that closes a span (Monet: `</abs_vis_token>`, LVR: `<|lvr_end|>`).
         latent_pad_token_id (`int`, *optional*):
             Id of `<|latent_pad|>`, the placeholder of one latent slot.
         latent_start_token_id (`int`, *optional*):
@@ -61,6 +102,12 @@ class GapQwen2_5VLConfig(Qwen2_5_VLConfig):
     latent_loss: str = "mse_whitened+cos"
     latent_ema_momentum: float = 0.99
     latent_target_pooling: str = "grid"
+    latent_span_rule: str = "fixed"
+    latent_max_tokens: int | None = None
+    latent_preset: str = "gap"
+    latent_pad_token: str = LATENT_PAD_TOKEN
+    latent_start_token: str = LATENT_START_TOKEN
+    latent_end_token: str = LATENT_END_TOKEN
     latent_pad_token_id: int | None = None
     latent_start_token_id: int | None = None
     latent_end_token_id: int | None = None
@@ -97,6 +144,18 @@ class GapQwen2_5VLConfig(Qwen2_5_VLConfig):
             fail("latent_ema_momentum", "a number in [0, 1)")
         if self.latent_target_pooling not in LATENT_TARGET_POOLINGS:
             fail("latent_target_pooling", f"one of {LATENT_TARGET_POOLINGS}")
+        if self.latent_span_rule not in LATENT_SPAN_RULES:
+            fail("latent_span_rule", f"one of {LATENT_SPAN_RULES}")
+        if self.latent_max_tokens is not None and not (is_int(self.latent_max_tokens) and self.latent_max_tokens >= 1):
+            fail("latent_max_tokens", "None or an integer >= 1")
+        if self.latent_preset not in LATENT_PRESETS:
+            fail("latent_preset", f"one of {tuple(LATENT_PRESETS)}")
+        tokens = [self.latent_pad_token, self.latent_start_token, self.latent_end_token]
+        for field, token in zip(("latent_pad_token", "latent_start_token", "latent_end_token"), tokens):
+            if not (isinstance(token, str) and token):
+                fail(field, "a non-empty token string")
+        if len(set(tokens)) != 3:
+            fail("latent_end_token", "different from latent_pad_token and latent_start_token")
         ids = {}
         for field in ("latent_pad_token_id", "latent_start_token_id", "latent_end_token_id"):
             value = getattr(self, field)
@@ -108,9 +167,16 @@ class GapQwen2_5VLConfig(Qwen2_5_VLConfig):
                 ids[value] = field
 
     @property
+    def max_latents_per_span(self) -> int:
+        """K for the `"fixed"` rule; `latent_max_tokens` (default K) for `"sampled_end"`."""
+        if self.latent_span_rule == "sampled_end":
+            return self.latent_max_tokens or self.num_latent_tokens
+        return self.num_latent_tokens
+
+    @property
     def latent_token_ids(self) -> tuple[int | None, int | None, int | None]:
         """(pad, start, end) ids of the latent tokens."""
         return self.latent_pad_token_id, self.latent_start_token_id, self.latent_end_token_id
 
 
-__all__ = ["GapQwen2_5VLConfig"]
+__all__ = ["GapQwen2_5VLConfig", "LATENT_PRESETS"]

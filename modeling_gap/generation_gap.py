@@ -26,7 +26,9 @@ class GapGenerateOutput(GenerateDecoderOnlyOutput):
     Args:
         latents (`list[torch.FloatTensor]`, one per row):
             Row i's latents, of shape `(num_spans_i, K, hidden_size)`: what was fed at each latent slot, after any
-            `latent_intervention`, spans in order. A span cut short by `max_new_tokens` is left out.
+            `latent_intervention`, spans in order. Only closed spans (with their end token) count; under the
+            `"sampled_end"` rule K is the span maximum and a shorter span is zero-padded (its length is the number
+            of slot tokens in `sequences`).
     """
 
     latents: list[torch.FloatTensor] | None = None
@@ -153,7 +155,8 @@ class GapGenerationMixin:
         pad_id, start_id, end_id = self.config.latent_token_ids
         if start_id is None:
             raise ValueError("config.latent_start_token_id is not set: this model cannot open latent spans.")
-        k = self.config.num_latent_tokens
+        k = self.config.max_latents_per_span
+        sampled_end = self.config.latent_span_rule == "sampled_end"
         device = input_ids.device
         batch_size, prompt_length = input_ids.shape
         pad_token = generation_config._pad_token_tensor
@@ -220,13 +223,21 @@ class GapGenerationMixin:
             else:
                 sampled = next_scores.argmax(dim=-1)
 
-            append_slot = (slots_left > 0) & unfinished
+            in_span = (slots_left > 0) & unfinished
+            if sampled_end:  # the span ends as soon as the end token is chosen (or is forced after the maximum)
+                ends_early = in_span & (sampled == end_id)
+                append_slot = in_span & ~ends_early
+                end_due = end_due | ends_early
+            else:
+                append_slot = in_span
             next_tokens = torch.where(append_slot, pad_id, torch.where(end_due, end_id, sampled))
             if has_eos_stopping_criteria:
                 next_tokens = torch.where(unfinished, next_tokens, pad_token)
             opens = (next_tokens == start_id) & unfinished & ~append_slot
             end_due = append_slot & (slots_left == 1)
             slots_left = torch.where(append_slot, slots_left - 1, torch.where(opens, k, 0))
+            if sampled_end:
+                slots_left = torch.where(next_tokens == end_id, 0, slots_left)
             spans_opened = spans_opened + opens.long()
 
             input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
@@ -271,21 +282,35 @@ class GapGenerationMixin:
             scores=scores,
             logits=raw_logits,
             cache=cache,
-            latents=self._collect_latents(latent_records, batch_size, k),
+            latents=self._collect_latents(latent_records, input_ids[:, prompt_length - 1 :], k),
         )
 
-    @staticmethod
-    def _collect_latents(records, batch_size: int, k: int) -> list[torch.Tensor]:
-        """Per row, the fed latents as (num_complete_spans, K, d)."""
-        if not records:
-            return [torch.zeros(0, k, 0) for _ in range(batch_size)]
-        mask = torch.stack([m for m, _ in records], dim=1)  # (B, steps)
-        fed = torch.stack([f for _, f in records], dim=1)  # (B, steps, d)
+    def _collect_latents(self, records, generated: torch.LongTensor, k: int) -> list[torch.Tensor]:
+        """Per row, the fed latents of each closed span as (num_spans, k, d), zero-padded past a short span's end.
+
+        `generated` holds the last prompt token and the generated tokens: the latents were fed, in order, at its
+        `<|latent_pad|>` slots (a slot appended last was never fed).
+        """
+        pad_id, start_id, end_id = self.config.latent_token_ids
+        hidden_size = self.config.text_config.hidden_size
+        if records:
+            mask = torch.stack([m for m, _ in records], dim=1)  # (B, steps)
+            fed = torch.stack([f for _, f in records], dim=1)  # (B, steps, d)
         latents = []
-        for row in range(batch_size):
-            row_latents = fed[row][mask[row]]
-            complete = row_latents.shape[0] // k * k
-            latents.append(row_latents[:complete].reshape(-1, k, fed.shape[-1]))
+        for row, tokens in enumerate(generated.tolist()):
+            row_latents = fed[row][mask[row]] if records else None
+            spans, used, length, open_span = [], 0, 0, False
+            for token in tokens:
+                if token == start_id:
+                    open_span, length = True, 0
+                elif token == pad_id and open_span:
+                    length += 1
+                elif token == end_id and open_span:
+                    span = row_latents[used : used + length]
+                    spans.append(torch.cat([span, span.new_zeros(k - length, span.shape[-1])]))
+                    used, open_span = used + length, False
+            dtype = self.latent_head.proj.weight.dtype
+            latents.append(torch.stack(spans) if spans else torch.zeros(0, k, hidden_size, dtype=dtype))
         return latents
 
 

@@ -553,53 +553,72 @@ def fit_latent_head_pca(
     return {"mean": mean, "components": components, "scale": scale, "count": pca.count, "mean_norm": pca.mean_norm}
 
 
-def add_latent_tokens(tokenizer) -> tuple[int, int, int]:
-    """Add `<|latent_pad|>`, `<|latent_start|>`, `<|latent_end|>` (in that order) as special tokens; return their ids
-    (pad, start, end). Tokens already present keep their ids."""
-    from .configuration_gap import LATENT_END_TOKEN, LATENT_PAD_TOKEN, LATENT_START_TOKEN
+def add_latent_tokens(tokenizer, tokens=None) -> tuple[int, int, int]:
+    """Add the latent tokens that are missing, as special tokens, in the given order (default GAP's: pad, start, end);
+    return the ids of (pad, start, end). Tokens already present keep their ids."""
+    from .configuration_gap import LATENT_PRESETS
 
-    tokens = [LATENT_PAD_TOKEN, LATENT_START_TOKEN, LATENT_END_TOKEN]
+    preset = LATENT_PRESETS["gap"] if tokens is None else tokens
+    order = preset["added"]
     vocab = tokenizer.get_vocab()
-    missing = [t for t in tokens if t not in vocab]
+    missing = [t for t in order if t not in vocab]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    return tuple(tokenizer.convert_tokens_to_ids(t) for t in tokens)
+    names = (preset["latent_pad_token"], preset["latent_start_token"], preset["latent_end_token"])
+    return tuple(tokenizer.convert_tokens_to_ids(t) for t in names)
 
 
-def from_qwen2_5_vl(base_model_or_path, processor=None, **gap_options):
-    """Turn a stock Qwen2.5-VL (a model, or a path / repo id) into a GAP model; stock weights stay untouched.
+def from_qwen2_5_vl(base_model_or_path, processor=None, preset: str = "gap", **gap_options):
+    """Turn a Qwen2.5-VL checkpoint (a model, or a path / repo id) into a GAP model; its weights stay untouched.
 
-    Adds the three latent tokens to the processor's tokenizer (resizing the embeddings only if the vocabulary is
-    full), builds the config with `gap_options` (fields of [`GapQwen2_5VLConfig`], e.g. `num_latent_tokens=8`,
-    `latent_feedback="pca"`) and a freshly initialised latent head. `processor` defaults to the one saved at the
-    path. Returns `(model, processor)`, the processor a [`GapQwen2_5VLProcessor`].
+    `preset` names whose tokens and span rule to follow: `"gap"` (default), or `"monet"`, `"mirage"`, `"lvr"` for
+    those systems' checkpoints (stock Qwen2.5-VL weights plus their added tokens). The preset's tokens that the
+    tokenizer lacks are added in that system's order (GAP's: pad, start, end, which gives Mirage's ids on the real
+    tokenizer); the embeddings are resized only if the vocabulary is full. `gap_options` are fields of
+    [`GapQwen2_5VLConfig`] (e.g. `num_latent_tokens=8`, `latent_feedback="raw" | "ema_norm" | "pca"`) and win over the
+    preset. `processor` defaults to the one saved at the path. Returns `(model, processor)`, the processor a
+    [`GapQwen2_5VLProcessor`].
     """
+    from .configuration_gap import LATENT_PRESETS
     from .processing_gap import GapQwen2_5VLProcessor
+
+    if preset not in LATENT_PRESETS:
+        raise ValueError(f"preset must be one of {tuple(LATENT_PRESETS)}; got {preset!r}.")
+    preset_fields = {k: v for k, v in LATENT_PRESETS[preset].items() if k != "added"}
+    options = {**preset_fields, "latent_preset": preset, **gap_options}
+    tokens = {
+        "added": LATENT_PRESETS[preset]["added"],
+        **{k: options[k] for k in ("latent_pad_token", "latent_start_token", "latent_end_token")},
+    }
+    processor_options = {
+        k: options[k] for k in ("num_latent_tokens", "latent_pad_token", "latent_start_token", "latent_end_token")
+    }
 
     if isinstance(base_model_or_path, (str, bytes)) or hasattr(base_model_or_path, "__fspath__"):
         path = str(base_model_or_path)
-        base = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=gap_options.pop("dtype", "auto"))
+        base = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=options.pop("dtype", "auto"))
         if processor is None:
-            processor = GapQwen2_5VLProcessor.from_stock_pretrained(path)
+            processor = GapQwen2_5VLProcessor.from_stock_pretrained(path, processor_options)
     else:
         base = base_model_or_path
         if processor is None:
             raise ValueError("Converting an in-memory model needs its `processor` (or tokenizer's processor).")
     if not isinstance(processor, GapQwen2_5VLProcessor):
-        processor = GapQwen2_5VLProcessor.from_stock(processor)
+        processor = GapQwen2_5VLProcessor.from_stock(processor, **processor_options)
+    for key, value in processor_options.items():
+        setattr(processor, key, value)
 
-    pad_id, start_id, end_id = add_latent_tokens(processor.tokenizer)
+    pad_id, start_id, end_id = add_latent_tokens(processor.tokenizer, tokens)
     config_dict = base.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         config_dict.pop(key, None)
     config = GapQwen2_5VLConfig(
         **config_dict,
-        **gap_options,
+        **options,
         latent_pad_token_id=pad_id,
         latent_start_token_id=start_id,
         latent_end_token_id=end_id,
     )
-    processor.num_latent_tokens = config.num_latent_tokens
 
     dtype = next(base.parameters()).dtype
     device = next(base.parameters()).device

@@ -22,15 +22,27 @@ class GapQwen2_5VLProcessor(Qwen2_5_VLProcessor):
         tokenizer: a Qwen2 tokenizer holding the three latent tokens.
         chat_template (`str`, *optional*): the Qwen2.5-VL chat template.
         num_latent_tokens (`int`, *optional*, defaults to 8): K, latent slots per span.
+        latent_pad_token, latent_start_token, latent_end_token (`str`, *optional*): the token strings of a slot, of
+            a span's start and of its end (GAP's by default; a preset's for Monet / Mirage / LVR checkpoints).
     """
 
     latent_marker = LATENT_MARKER
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_latent_tokens: int = 8, **kwargs):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        num_latent_tokens: int = 8,
+        latent_pad_token: str = LATENT_PAD_TOKEN,
+        latent_start_token: str = LATENT_START_TOKEN,
+        latent_end_token: str = LATENT_END_TOKEN,
+        **kwargs,
+    ):
         self.num_latent_tokens = num_latent_tokens
-        self.latent_pad_token = LATENT_PAD_TOKEN
-        self.latent_start_token = LATENT_START_TOKEN
-        self.latent_end_token = LATENT_END_TOKEN
+        self.latent_pad_token = latent_pad_token
+        self.latent_start_token = latent_start_token
+        self.latent_end_token = latent_end_token
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
 
     @property
@@ -84,17 +96,17 @@ class GapQwen2_5VLProcessor(Qwen2_5_VLProcessor):
         return super().model_input_names + ["aux_pixel_values", "aux_image_grid_thw"]
 
     @classmethod
-    def from_stock(cls, processor, num_latent_tokens: int = 8) -> "GapQwen2_5VLProcessor":
+    def from_stock(cls, processor, **latent_options) -> "GapQwen2_5VLProcessor":
         """A GAP processor sharing the image processor, tokenizer and chat template of a stock one."""
         return cls(
             image_processor=processor.image_processor,
             tokenizer=processor.tokenizer,
             chat_template=getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None),
-            num_latent_tokens=num_latent_tokens,
+            **latent_options,
         )
 
     @classmethod
-    def from_stock_pretrained(cls, path: str, num_latent_tokens: int = 8, **kwargs) -> "GapQwen2_5VLProcessor":
+    def from_stock_pretrained(cls, path: str, latent_options: dict | None = None, **kwargs) -> "GapQwen2_5VLProcessor":
         """Load the image processor and tokenizer of a stock Qwen2.5-VL checkpoint (no torchvision needed)."""
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
@@ -102,7 +114,7 @@ class GapQwen2_5VLProcessor(Qwen2_5_VLProcessor):
             image_processor=image_processor,
             tokenizer=tokenizer,
             chat_template=getattr(tokenizer, "chat_template", None),
-            num_latent_tokens=num_latent_tokens,
+            **(latent_options or {}),
         )
 
 
