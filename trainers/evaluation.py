@@ -70,10 +70,17 @@ def standardize_row(row: dict, mapping: str | dict = "gap", index: int | None = 
         choices = [re.sub(r"^\(?[A-Z][\).:]\s*", "", str(c)) for c in row[spec["choices"]]]
     kind = spec["kind"](row) if callable(spec["kind"]) else spec["kind"]
     if kind is None:
-        kind = "choice" if choices else ("number" if _parse_number(answer) is not None else "text")
+        kind = infer_kind(answer, choices)
     if kind == "choice" and choices and answer in choices and answer not in LETTERS[: len(choices)]:
         answer = LETTERS[choices.index(answer)]  # MathVista gives the option text, not its letter
     return EvalRow(images=images, question=question, answer=answer, choices=choices or None, kind=kind)
+
+
+def infer_kind(answer: str, choices: list[str] | None = None) -> str:
+    """"choice" when there are options, "number" when the answer is a number alone, else "text"."""
+    if choices:
+        return "choice"
+    return "number" if re.fullmatch(r"\s*" + _NUMBER.pattern + r"\s*", answer) else "text"
 
 
 def format_question(row: EvalRow) -> str:
@@ -294,6 +301,7 @@ __all__ = [
     "evaluate_rows",
     "extract_answer",
     "format_question",
+    "infer_kind",
     "generate_answers",
     "load_eval_rows",
     "load_model_and_processor",
