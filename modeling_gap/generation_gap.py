@@ -101,10 +101,13 @@ class GapGenerationMixin:
     ):
         """Feed one element per row and return `(logits (B, V) fp32, hidden (B, d), fed_latents (B, d))`.
 
-        Rows with `latent_mode` get the latent head's output on `previous_hidden` (B, d) as input embedding (after
+        Rows with `latent_mode` (None: no row) get the latent head's output on `previous_hidden` (B, d) as input embedding (after
         the intervention), the others the embedding of `tokens` (B,). `position_ids` is (3, B, 1), `attention_mask`
         (B, total_length), `cache` the KV cache. Mode switches are data, not control flow.
         """
+        token_embeddings = self.get_input_embeddings()(tokens)
+        if latent_mode is None:  # no row in latent mode (eager paths only): skip the head
+            return self._decode(token_embeddings, position_ids, attention_mask, cache) + (None,)
         latents = self.latent_head(previous_hidden, feedback=feedback)
         if intervention == "zero":
             latents = torch.zeros_like(latents)
@@ -115,14 +118,17 @@ class GapGenerationMixin:
             latents = latents[:, intervention_permutation]
         elif intervention == "mean":
             latents = self.latent_head.pca_mean.to(latents.dtype).expand_as(latents)
-        token_embeddings = self.get_input_embeddings()(tokens)
-        embeds = torch.where(latent_mode[:, None], latents.to(token_embeddings.dtype), token_embeddings)[:, None]
+        embeds = torch.where(latent_mode[:, None], latents.to(token_embeddings.dtype), token_embeddings)
+        return self._decode(embeds, position_ids, attention_mask, cache) + (latents,)
+
+    def _decode(self, embeds, position_ids, attention_mask, cache):
+        """(B, d) input embeddings -> (logits (B, V) fp32, final hidden state (B, d)), one position over the cache."""
         outputs = self.model.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+            inputs_embeds=embeds[:, None], attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            use_cache=True,
         )
         hidden = outputs.last_hidden_state[:, -1]
-        logits = self.lm_head(hidden).float()
-        return logits, hidden, latents
+        return self.lm_head(hidden).float(), hidden
 
     # ---- the decoding loop (transformers' `_sample`, latent-aware) ------------------------------------------
     def _latent_step_function(self, cache, generation_config):
@@ -256,13 +262,16 @@ class GapGenerationMixin:
                 noise = torch.randn(hidden.shape, generator=generator, device=device, dtype=torch.float32)
             if compiled and device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
+            # On the CPU a look at the mode flags is free: skip the head when no row is in latent mode.
+            mode = append_slot if compiled or device.type != "cpu" or bool(append_slot.any()) else None
             logits, hidden, fed = step_function(
-                next_tokens, append_slot, hidden, last_position, attention_mask, cache, feedback,
+                next_tokens, mode, hidden, last_position, attention_mask, cache, feedback,
                 intervention, noise, permutation,
             )
             if compiled:  # CUDA-graph outputs are overwritten by the next replay: keep copies
                 logits, hidden, fed = logits.clone(), hidden.clone(), fed.clone()
-            latent_records.append((append_slot, fed))
+            if fed is not None:
+                latent_records.append((append_slot, fed))
 
         # Steps taken after every row had finished (seen late) only appended padding: drop them.
         done = (~torch.stack(any_unfinished)).nonzero()
@@ -271,7 +280,6 @@ class GapGenerationMixin:
             input_ids = input_ids[:, : prompt_length + keep]
             scores = scores[:keep] if scores is not None else None
             raw_logits = raw_logits[:keep] if raw_logits is not None else None
-            latent_records = latent_records[:keep]
 
         if streamer is not None:
             streamer.end()
