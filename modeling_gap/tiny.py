@@ -63,6 +63,7 @@ def tiny_tokenizer() -> Qwen2Tokenizer:
     vocab = {symbol: i for i, symbol in enumerate(_byte_symbols())}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+    tokenizer.eos_token = "<|im_end|>"  # as Qwen2.5-VL-Instruct's tokenizer: turns end generation
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
