@@ -1,0 +1,519 @@
+"""Dataset rows in GAP's schema -> model inputs: the collator, capacity selection and up-front validation.
+
+The schema (GAP_SPEC.md section 7): `images` (list of images), `messages` (`[{"role", "content"}]`, content a string
+or a list of `{"type": "image"}` / `{"type": "text", "text": ...}` parts) with `<|latent|>` markers in the assistant
+text, `aux_images` (one per marker, in order), `answer`, and optionally `use_latent` (bool) and `base_pass_rate`
+(float in [0, 1]).
+
+What `GapDataCollator` does with one row:
+
+1. Checks the types; loads every image (PIL images, paths, or `{"bytes", "path"}` dicts as `datasets` stores them).
+2. Image placeholders: when no message has an image part but the row has images, one `{"type": "image"}` part per
+   image is put at the start of the first user turn (TRL's convention for string contents); otherwise the number of
+   image parts must equal the number of images.
+3. Capacity (`capacity_guided=True`): a row with `use_latent=False` (or, without `use_latent`, `base_pass_rate >
+   capacity_threshold`) trains as plain text: its markers and aux images are removed (see `remove_latent_markers` for
+   how the text around a removed marker is joined). `use_latent` wins over `base_pass_rate` when both are set.
+4. Renders the chat template, expands each marker to `<|latent_start|> K x <|latent_pad|> <|latent_end|>` and encodes
+   the aux images (the processor), and builds the labels: assistant turns only (ChatML: from after
+   `<|im_start|>assistant\\n` up to and including `<|im_end|>`); image pads, vision start/end and latent slots are
+   masked. `<|latent_start|>` and `<|latent_end|>` stay supervised: the model must learn to open a span.
+5. `max_length`: a sequence may only be cut in text after its last image and its last latent span; a cut image or
+   span is an error, and so is a cut that leaves no supervised token.
+
+Rows are padded on the right (training), whatever `tokenizer.padding_side` says. Every malformed row raises a
+`GapDataError` whose message starts with `Row <index>:`. The index is the dataset index when the row carries the
+`gap_row_index` column (which `GapSFTTrainer` adds), otherwise the row's position in the list given to the collator.
+`validate_gap_dataset` runs the same checks over a whole dataset (images decoded from their stored bytes, so that an
+unreadable file is reported by row instead of failing inside the data loader) before training starts.
+"""
+
+import io
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from modeling_gap.configuration_gap import LATENT_MARKER
+
+ROW_INDEX_COLUMN = "gap_row_index"
+ROLES = ("system", "user", "assistant")
+
+
+class GapDataError(ValueError):
+    """A malformed dataset row; the message is `Row <index>: <problem>`."""
+
+    def __init__(self, index, problem: str):
+        self.index, self.problem = index, problem
+        super().__init__(f"Row {index}: {problem}")
+
+
+class GapDatasetValidationError(GapDataError):
+    """`validate_gap_dataset` found bad rows: `errors` lists them all (up to `max_errors`); the message starts with
+    the first."""
+
+    def __init__(self, errors: list[GapDataError], total: int):
+        self.errors = errors
+        first = errors[0]
+        more = ""
+        if total > 1:
+            listed = "; ".join(str(e) for e in errors[1:6])
+            more = f" [{total} bad rows in all; next: {listed}{' ...' if total > 6 else ''}]"
+        super().__init__(first.index, first.problem + more)
+
+
+def remove_latent_markers(text: str, marker: str = LATENT_MARKER) -> str:
+    """Remove the latent-span markers from `text`, joining the text around each.
+
+    A marker (or a run of markers) together with the whitespace on both sides of it becomes one separator: the
+    whitespace before it if that holds a line break, else the whitespace after it if that holds one, else a single
+    space. At the start or the end of `text` it leaves nothing. So `"Look closer. <|latent|> It reads EXIT."` becomes
+    `"Look closer. It reads EXIT."`, `"Look.<|latent|>It reads"` becomes `"Look. It reads"`, and
+    `"Look.\\n<|latent|>\\nIt reads"` becomes `"Look.\\nIt reads"`.
+    """
+    escaped = re.escape(marker)
+    pattern = re.compile(r"(\s*)" + escaped + r"(?:\s*" + escaped + r")*(\s*)")
+
+    def join(match):
+        if match.start() == 0 or match.end() == len(text):
+            return ""
+        before, after = match.group(1), match.group(2)
+        if "\n" in before:
+            return before
+        if "\n" in after:
+            return after
+        return " "
+
+    return pattern.sub(join, text)
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) or (
+        hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0 and value.dtype.kind in "iuf"
+    )
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool) or (
+        hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0 and value.dtype.kind == "b"
+    )
+
+
+def load_image(value, index, what: str) -> Image.Image:
+    """One image of a row -> an RGB PIL image; `what` names it in errors ("image 0", "aux image 1")."""
+    if value is None:
+        raise GapDataError(index, f"{what} is missing (None).")
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, (str, os.PathLike)):
+            image = Image.open(value)
+        elif isinstance(value, Mapping) and (value.get("bytes") or value.get("path")):
+            image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+        elif isinstance(value, Mapping):
+            raise GapDataError(index, f"{what} is missing (no bytes and no path).")
+        else:
+            raise GapDataError(
+                index, f"{what} has the wrong type {_type_name(value)}: expected a PIL image, a path or a "
+                "{'bytes', 'path'} dict."
+            )
+        image.load()
+    except GapDataError:
+        raise
+    except FileNotFoundError as error:
+        raise GapDataError(index, f"{what} is missing: file not found ({error.filename}).") from error
+    except Exception as error:  # PIL raises several types for corrupt or truncated files
+        raise GapDataError(index, f"{what} cannot be read ({_type_name(error)}: {error}).") from error
+    if min(image.size) < 1:
+        raise GapDataError(index, f"{what} is empty ({image.size[0]}x{image.size[1]}).")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+@dataclass
+class PreparedRow:
+    """One row checked and reduced to what the processor needs: `messages` normalised (content as lists of parts,
+    image placeholders in place, markers removed when the row trains as plain text), `images`, `aux_images`, and
+    whether the row keeps its latent spans."""
+
+    index: Any
+    messages: list[dict]
+    images: list[Image.Image]
+    aux_images: list[Image.Image]
+    use_latent: bool
+    num_markers: int
+
+
+class GapDataCollator:
+    """Collates dataset rows in GAP's schema into the inputs of `GapQwen2_5VLForConditionalGeneration`.
+
+    Returns `input_ids`, `attention_mask`, `mm_token_type_ids`, `labels`, and, when present in the batch,
+    `pixel_values` / `image_grid_thw` (question images, in row order) and `aux_pixel_values` / `aux_image_grid_thw`
+    (one aux image per kept span, in row order: the latent targets are built from them inside the model's forward).
+    Every key is a forward argument, so `model(**collator(rows))` works.
+
+    Args:
+        processor: a `GapQwen2_5VLProcessor` (it expands `<|latent|>` markers and encodes the aux images).
+        max_length (`int`, *optional*): longest sequence; longer ones are cut at the right, in text only (see the
+            module docstring). `None`: no limit.
+        capacity_guided (`bool`, defaults to `True`): honour `use_latent` / `base_pass_rate` per row.
+        capacity_threshold (`float`, defaults to 0.5): rows with only `base_pass_rate` keep their spans when the rate
+            is <= this.
+        pad_to_multiple_of (`int`, *optional*): pad the sequence length to a multiple of this.
+    """
+
+    def __init__(
+        self,
+        processor,
+        max_length: int | None = None,
+        capacity_guided: bool = True,
+        capacity_threshold: float = 0.5,
+        pad_to_multiple_of: int | None = None,
+    ):
+        self.processor = processor
+        self.max_length = max_length
+        self.capacity_guided = capacity_guided
+        self.capacity_threshold = capacity_threshold
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.marker = getattr(processor, "latent_marker", LATENT_MARKER)
+        tokenizer = processor.tokenizer
+        self.latent_pad_id, self.latent_start_id, self.latent_end_id = processor.latent_token_ids
+        vocab = tokenizer.get_vocab()
+        for token in ("<|im_start|>", "<|im_end|>"):
+            if token not in vocab:
+                raise ValueError(
+                    f"GapDataCollator needs a ChatML chat template (Qwen's): the tokenizer has no {token}."
+                )
+        self.im_start_id = vocab["<|im_start|>"]
+        self.im_end_id = vocab["<|im_end|>"]
+        self.assistant_ids = tokenizer.encode("assistant", add_special_tokens=False)
+        newline = tokenizer.encode("\n", add_special_tokens=False)
+        self.newline_id = newline[0] if len(newline) == 1 else None
+        image_tokens = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+        self.image_ids = {vocab[t] for t in image_tokens if t in vocab}
+        self.unsupervised_ids = self.image_ids | {self.latent_pad_id}
+        self.protected_ids = self.image_ids | {self.latent_pad_id, self.latent_start_id, self.latent_end_id}
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = vocab.get("<|endoftext|>", tokenizer.eos_token_id)
+        self.pad_token_id = pad_id
+
+    # ---- one row -------------------------------------------------------------------------------------------
+    def uses_latent(self, row: Mapping, index) -> bool:
+        """Whether the row keeps its latent spans (checks the types of `use_latent` and `base_pass_rate`)."""
+        use = row.get("use_latent")
+        rate = row.get("base_pass_rate")
+        if use is not None and not _is_bool(use):
+            raise GapDataError(index, f"use_latent must be a bool or None; got {_type_name(use)} {use!r}.")
+        if rate is not None:
+            if not _is_number(rate) or not (0 <= float(rate) <= 1) or math.isnan(float(rate)):
+                raise GapDataError(index, f"base_pass_rate must be a number in [0, 1] or None; got {rate!r}.")
+        if not self.capacity_guided:
+            return True
+        if use is not None:
+            return bool(use)
+        if rate is not None:
+            return float(rate) <= self.capacity_threshold
+        return True
+
+    def _parts(self, content, index, turn: int) -> list[dict]:
+        if isinstance(content, str):
+            return [{"type": "text", "text": content}]
+        if not isinstance(content, (list, tuple)):
+            raise GapDataError(
+                index, f"message {turn} has content of type {_type_name(content)}; expected a string or a list of "
+                "parts."
+            )
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping):
+                raise GapDataError(index, f"message {turn}, part {j} is a {_type_name(part)}, not a dict.")
+            kind = part.get("type")
+            if kind == "image" or (kind is None and part.get("image") is not None):
+                parts.append({"type": "image"})
+            elif kind == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise GapDataError(
+                        index, f"message {turn}, part {j} is a text part whose text is {_type_name(text)}."
+                    )
+                parts.append({"type": "text", "text": text})
+            else:
+                raise GapDataError(
+                    index, f"message {turn}, part {j} has type {kind!r}; expected 'text' or 'image'."
+                )
+        return parts
+
+    def prepare_row(self, row: Mapping, index) -> PreparedRow:
+        """Check one row and normalise it (steps 1-3 of the module docstring). Raises `GapDataError`."""
+        if not isinstance(row, Mapping):
+            raise GapDataError(index, f"the row is a {_type_name(row)}, not a dict of columns.")
+        if "messages" not in row:
+            raise GapDataError(index, f"no 'messages' column (columns: {sorted(row)}).")
+        raw_messages = row["messages"]
+        if not isinstance(raw_messages, (list, tuple)) or not raw_messages:
+            raise GapDataError(
+                index, f"messages must be a non-empty list of {{role, content}} dicts; got {_type_name(raw_messages)}."
+            )
+        images = row.get("images", None)
+        if images is None and row.get("image") is not None:
+            images = [row["image"]]
+        images = [] if images is None else images
+        aux_images = row.get("aux_images", None)
+        aux_images = [] if aux_images is None else aux_images
+        for name, value in (("images", images), ("aux_images", aux_images)):
+            if not isinstance(value, (list, tuple)):
+                raise GapDataError(index, f"{name} must be a list of images; got {_type_name(value)}.")
+        if "answer" in row and row["answer"] is not None and not isinstance(row["answer"], str):
+            raise GapDataError(index, f"answer must be a string; got {_type_name(row['answer'])}.")
+
+        messages = []
+        for turn, message in enumerate(raw_messages):
+            if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+                raise GapDataError(index, f"message {turn} is not a {{role, content}} dict: {message!r:.80}.")
+            role = message["role"]
+            if role not in ROLES:
+                raise GapDataError(index, f"message {turn} has role {role!r}; expected one of {ROLES}.")
+            messages.append({"role": role, "content": self._parts(message["content"], index, turn)})
+        if not any(m["role"] == "assistant" for m in messages):
+            raise GapDataError(index, "no assistant turn: there is nothing to supervise.")
+
+        markers = 0
+        for turn, message in enumerate(messages):
+            count = sum(p["text"].count(self.marker) for p in message["content"] if p["type"] == "text")
+            if count and message["role"] != "assistant":
+                raise GapDataError(
+                    index, f"message {turn} ({message['role']}) holds {count} {self.marker} marker(s): latent spans "
+                    "belong in assistant turns."
+                )
+            markers += count
+        if markers != len(aux_images):
+            raise GapDataError(
+                index, f"{markers} {self.marker} marker(s) but {len(aux_images)} aux image(s): each marker needs "
+                "exactly one aux image, in order."
+            )
+
+        image_parts = sum(p["type"] == "image" for m in messages for p in m["content"])
+        if image_parts == 0 and images:
+            user = next((m for m in messages if m["role"] == "user"), None)
+            if user is None:
+                raise GapDataError(index, f"{len(images)} image(s) but no user turn to put them in.")
+            user["content"] = [{"type": "image"} for _ in images] + user["content"]
+        elif image_parts != len(images):
+            raise GapDataError(
+                index, f"the messages hold {image_parts} image placeholder(s) but the row has {len(images)} image(s)."
+            )
+
+        use_latent = self.uses_latent(row, index)
+        if not use_latent and markers:
+            for message in messages:
+                if message["role"] == "assistant":
+                    for part in message["content"]:
+                        if part["type"] == "text":
+                            part["text"] = remove_latent_markers(part["text"], self.marker)
+            aux_images = []
+
+        for turn, message in enumerate(messages):
+            if message["role"] == "assistant":
+                text = "".join(p["text"] for p in message["content"] if p["type"] == "text")
+                if not text.replace(self.marker, "").strip():
+                    raise GapDataError(index, f"message {turn} is an empty assistant turn (no text to supervise).")
+
+        loaded = [load_image(image, index, f"image {j}") for j, image in enumerate(images)]
+        loaded_aux = [load_image(image, index, f"aux image {j}") for j, image in enumerate(aux_images)]
+        return PreparedRow(index, messages, loaded, loaded_aux, use_latent and markers > 0, markers)
+
+    def _assistant_mask(self, ids: list[int]) -> list[bool]:
+        """True from after each `<|im_start|>assistant\\n` up to and including its `<|im_end|>`."""
+        mask = [False] * len(ids)
+        header = self.assistant_ids
+        i = 0
+        while i < len(ids):
+            if ids[i] == self.im_start_id and ids[i + 1 : i + 1 + len(header)] == header:
+                begin = i + 1 + len(header)
+                if begin < len(ids) and ids[begin] == self.newline_id:
+                    begin += 1
+                end = begin
+                while end < len(ids) and ids[end] != self.im_end_id:
+                    end += 1
+                for j in range(begin, min(end + 1, len(ids))):
+                    mask[j] = True
+                i = end + 1
+            else:
+                i += 1
+        return mask
+
+    def encode_row(self, row: Mapping, index) -> dict:
+        """One row -> unpadded tensors: `input_ids`, `attention_mask`, `mm_token_type_ids`, `labels` (1-D), and
+        `pixel_values`, `image_grid_thw`, `aux_pixel_values`, `aux_image_grid_thw` when the row has them."""
+        prepared = self.prepare_row(row, index)
+        text = self.processor.apply_chat_template(prepared.messages, tokenize=False)
+        try:
+            encoded = self.processor(
+                images=prepared.images or None,
+                text=[text],
+                aux_images=[prepared.aux_images] if prepared.aux_images else None,
+                return_tensors="pt",
+            )
+        except Exception as error:  # the processor's own checks (marker count, image shape): name our row
+            problem = re.sub(r"^Row \d+: ", "", str(error))
+            raise GapDataError(index, f"the processor refused the row ({_type_name(error)}: {problem})") from error
+
+        ids = encoded["input_ids"][0].tolist()
+        mask = self._assistant_mask(ids)
+        if not any(mask):
+            raise GapDataError(
+                index, "no assistant tokens found: the chat template must render assistant turns as ChatML "
+                "(<|im_start|>assistant ... <|im_end|>)."
+            )
+        labels = [t if m and t not in self.unsupervised_ids else -100 for t, m in zip(ids, mask)]
+        if all(label == -100 for label in labels):
+            raise GapDataError(index, "no supervised token: the assistant turns hold only image or latent slots.")
+
+        length = len(ids)
+        if self.max_length is not None and length > self.max_length:
+            cut = [p for p in range(self.max_length, length) if ids[p] in self.protected_ids]
+            if cut:  # name what the cut reaches first
+                if ids[cut[0]] in self.image_ids:
+                    raise GapDataError(
+                        index, f"image tokens are cut by max_length={self.max_length}: the row has {length} tokens "
+                        f"and image tokens at positions >= {cut[0]}. Raise max_length or use smaller images."
+                    )
+                raise GapDataError(
+                    index, f"a latent span is cut by max_length={self.max_length}: the row has {length} tokens and "
+                    f"latent tokens at positions >= {cut[0]}. Raise max_length or shorten the row."
+                )
+            labels = labels[: self.max_length]
+            if all(label == -100 for label in labels):
+                raise GapDataError(
+                    index, f"max_length={self.max_length} cuts every supervised token (the row has {length} tokens)."
+                )
+            length = self.max_length
+
+        out = {
+            "input_ids": encoded["input_ids"][0, :length],
+            "attention_mask": encoded["attention_mask"][0, :length],
+            "mm_token_type_ids": encoded["mm_token_type_ids"][0, :length],
+            "labels": torch.tensor(labels[:length], dtype=torch.long),
+        }
+        for key in ("pixel_values", "image_grid_thw", "aux_pixel_values", "aux_image_grid_thw"):
+            if key in encoded:
+                out[key] = encoded[key]
+        return out
+
+    # ---- a batch -------------------------------------------------------------------------------------------
+    def __call__(self, rows: list[Mapping]) -> dict[str, torch.Tensor]:
+        encoded = []
+        for position, row in enumerate(rows):
+            index = row.get(ROW_INDEX_COLUMN, position) if isinstance(row, Mapping) else position
+            encoded.append(self.encode_row(row, index))
+        length = max(e["input_ids"].shape[0] for e in encoded)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+        def pad(key, value):
+            return torch.stack([
+                torch.nn.functional.pad(e[key], (0, length - e[key].shape[0]), value=value) for e in encoded
+            ])
+
+        batch = {
+            "input_ids": pad("input_ids", self.pad_token_id),
+            "attention_mask": pad("attention_mask", 0),
+            "mm_token_type_ids": pad("mm_token_type_ids", 0),
+            "labels": pad("labels", -100),
+        }
+        for values, grid in (("pixel_values", "image_grid_thw"), ("aux_pixel_values", "aux_image_grid_thw")):
+            present = [e for e in encoded if values in e]
+            if present:
+                batch[values] = torch.cat([e[values] for e in present])
+                batch[grid] = torch.cat([e[grid] for e in present])
+        return batch
+
+
+# ---- validating a whole dataset ----------------------------------------------------------------------------------
+def _raw_rows(dataset, max_rows: int | None, chunk: int = 256) -> Iterable[tuple[int, Mapping]]:
+    """(index, row) pairs; a `datasets.Dataset` is read through Arrow so that images stay undecoded bytes."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        datasets = None
+    total = len(dataset) if hasattr(dataset, "__len__") else None
+    if max_rows is not None and total is not None:
+        total = min(total, max_rows)
+    if datasets is not None and isinstance(dataset, datasets.Dataset):
+        arrow = dataset.with_format("arrow")
+        for start in range(0, total, chunk):
+            for offset, row in enumerate(arrow[start : min(start + chunk, total)].to_pylist()):
+                yield start + offset, row
+        return
+    for index, row in enumerate(dataset):
+        if max_rows is not None and index >= max_rows:
+            return
+        yield index, row
+
+
+def validate_gap_dataset(
+    dataset,
+    processor,
+    max_length: int | None = None,
+    capacity_guided: bool = True,
+    capacity_threshold: float = 0.5,
+    max_rows: int | None = None,
+    max_errors: int = 20,
+) -> dict:
+    """Check every row of `dataset` (a `datasets.Dataset`, an `IterableDataset` or any iterable of rows) exactly as
+    `GapDataCollator` will encode it: column types, messages and roles, image placeholders, every image (and aux
+    image) readable, marker / aux-image counts, no marker outside assistant turns, no empty assistant turn, the
+    processor accepting the row, supervised tokens present, and no image or latent span cut by `max_length`.
+
+    Returns a summary (`rows`, `rows_with_latent` (rows that keep spans), `plain_text_rows` (rows whose spans the
+    capacity rule removed), `spans`, `max_tokens`). Raises `GapDatasetValidationError` listing the bad rows (up to
+    `max_errors`), its message starting with the first: `Row <index>: <problem>`.
+    """
+    collator = GapDataCollator(
+        processor, max_length=max_length, capacity_guided=capacity_guided, capacity_threshold=capacity_threshold
+    )
+    errors, total_bad = [], 0
+    summary = dict(rows=0, rows_with_latent=0, plain_text_rows=0, spans=0, max_tokens=0)
+    for index, row in _raw_rows(dataset, max_rows):
+        summary["rows"] += 1
+        try:
+            encoded = collator.encode_row(row, index)
+        except GapDataError as error:
+            total_bad += 1
+            if len(errors) < max_errors:
+                errors.append(error)
+            continue
+        spans = int((encoded["input_ids"] == collator.latent_start_id).sum())
+        markers = sum(
+            str(p.get("text") or "").count(collator.marker) if isinstance(p, Mapping) else 0
+            for m in row["messages"]
+            for p in (m["content"] if isinstance(m["content"], (list, tuple)) else [{"text": m["content"]}])
+        )
+        summary["spans"] += spans
+        summary["rows_with_latent"] += spans > 0
+        summary["plain_text_rows"] += markers > 0 and spans == 0
+        summary["max_tokens"] = max(summary["max_tokens"], int(encoded["input_ids"].shape[0]))
+    if errors:
+        raise GapDatasetValidationError(errors, total_bad)
+    return summary
+
+
+__all__ = [
+    "GapDataCollator",
+    "GapDataError",
+    "GapDatasetValidationError",
+    "PreparedRow",
+    "ROW_INDEX_COLUMN",
+    "load_image",
+    "remove_latent_markers",
+    "validate_gap_dataset",
+]
