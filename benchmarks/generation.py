@@ -80,6 +80,22 @@ def make_inputs(processor, batch, image_side, device, dtype):
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
 
 
+def copy_bandwidth():
+    """Bytes read + written per second by a 2 GiB device-to-device copy (CUDA), the weight-read limit's yardstick."""
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / 10
+    del x, y
+    return 2 * 2 * 1024**3 / seconds
+
+
 def time_generate(model, inputs, new, repeats, sync, **kwargs):
     def run(n):
         sync()
@@ -113,8 +129,11 @@ def main(argv=None):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     where = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     results = []
+    bandwidth = copy_bandwidth() if device == "cuda" else None
     for shape in args.shape.split(","):
         gap, stock, processor = build_models(shape, device, dtype)
+        lm_bytes = sum(p.numel() * p.element_size() for n, p in stock.named_parameters() if "visual" not in n)
+        limit_ms = 1e3 * lm_bytes / bandwidth if bandwidth else None
         start_id = gap.config.latent_start_token_id
         for batch in [int(b) for b in args.batches.split(",")]:
             inputs = make_inputs(processor, batch, SHAPES[shape]["image"], device, dtype)
@@ -125,8 +144,16 @@ def main(argv=None):
                 paths += [("stock static", stock, {"cache_implementation": "static"}),
                           ("gap static", gap, {"cache_implementation": "static", "logits_processor": spans})]
             row = dict(device=where, shape=shape, batch=batch, new=args.new)
+            if limit_ms:
+                row["weight-read limit ms/step (batch 1)"] = round(limit_ms, 3)
             for name, model, kwargs in paths:
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
                 step_s, out = time_generate(model, inputs, args.new, args.repeats, sync, **kwargs)
+                if device == "cuda":
+                    row[f"{name} peak GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                if limit_ms and batch == 1:
+                    row[f"{name} share of weight-read limit"] = round(limit_ms / (1e3 * step_s), 3)
                 if name.startswith("gap"):
                     generated = out[:, prompt:]
                     row["gap_latent_slots"] = int((generated == gap.config.latent_pad_token_id).sum()) // batch
