@@ -128,8 +128,14 @@ def load_model_and_processor(script_args: GapScriptArguments, training_args: Gap
                 "Convert the stock checkpoint first (recipes/fit_pca.py), then quantize the GAP checkpoint."
             )
         return from_qwen2_5_vl(name, dtype=dtype if dtype is not None else "auto", **gap_options)
+    # A quantized model is placed at load time: each process on its own GPU, not all on GPU 0.
+    device_map = None
+    if quantization is not None and torch.cuda.is_available():
+        from accelerate import PartialState
+
+        device_map = {"": PartialState().local_process_index}
     model = AutoModelForImageTextToText.from_pretrained(
-        name, revision=revision, dtype=dtype, quantization_config=quantization,
+        name, revision=revision, dtype=dtype, quantization_config=quantization, device_map=device_map,
         attn_implementation=model_args.attn_implementation, trust_remote_code=training_args.trust_remote_code,
     )
     try:

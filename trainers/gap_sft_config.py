@@ -110,6 +110,9 @@ class GapSFTConfig(SFTConfig):
             )
         if not 0 <= self.capacity_threshold <= 1:
             raise ValueError(f"capacity_threshold must be in [0, 1]; got {self.capacity_threshold!r}.")
+        if self.capacity_guided and self.ddp_find_unused_parameters is None:
+            # A batch of rows trained as plain text leaves the latent head without gradient; DDP must allow that.
+            self.ddp_find_unused_parameters = True
         if self.packing or self.padding_free:
             raise ValueError("GapSFTTrainer supports neither packing nor padding-free batches (images, latent spans).")
 
