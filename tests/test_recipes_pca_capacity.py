@@ -89,15 +89,22 @@ def test_pass_rate_counts_matching_answers(tmp_path):
     eos = model.generation_config.eos_token_id
 
     class SayOne(LogitsProcessor):
+        """The first generated token is "1", the next ends the turn (every sample has the same prompt length)."""
+
+        prompt_length = None
+
         def __call__(self, input_ids, scores):
+            self.prompt_length = self.prompt_length or input_ids.shape[1]
             scores = torch.full_like(scores, -1e9)
-            scores[:, digit if input_ids.shape[1] % 2 else eos] = 0
+            scores[:, digit if input_ids.shape[1] == self.prompt_length else eos] = 0
             return scores
 
     original = model.generate
 
+    say_one = SayOne()
+
     def forced(**kwargs):
-        return original(logits_processor=[SayOne()], **kwargs)
+        return original(logits_processor=[say_one], **kwargs)
 
     model.generate = forced
     args = assign.CapacityArguments(num_samples=2, max_new_tokens=3)
