@@ -13,6 +13,9 @@ LATENT_START_TOKEN = "<|latent_start|>"
 LATENT_END_TOKEN = "<|latent_end|>"
 LATENT_MARKER = "<|latent|>"
 LATENT_SPAN_RULES = ("fixed", "sampled_end")
+# Probing interventions of `generate(latent_intervention=...)`: None (as trained), zeros, noise at each latent's norm,
+# one fixed permutation of the coordinates, the mean visual embedding, or never opening a span.
+LATENT_INTERVENTIONS = (None, "zero", "noise", "shuffle", "mean", "drop")
 
 # How each public system marks and ends a latent span (GAP_SPEC.md section 9, read from their released code).
 # `added`: every token that system adds, in its order, so that a tokenizer missing them gets that system's ids.
@@ -179,4 +182,16 @@ class GapQwen2_5VLConfig(Qwen2_5_VLConfig):
         return self.latent_pad_token_id, self.latent_start_token_id, self.latent_end_token_id
 
 
-__all__ = ["GapQwen2_5VLConfig", "LATENT_PRESETS"]
+__all__ = [
+    "LATENT_END_TOKEN",
+    "LATENT_FEEDBACK_MODES",
+    "LATENT_INTERVENTIONS",
+    "LATENT_LOSSES",
+    "LATENT_MARKER",
+    "LATENT_PAD_TOKEN",
+    "LATENT_PRESETS",
+    "LATENT_SPAN_RULES",
+    "LATENT_START_TOKEN",
+    "LATENT_TARGET_POOLINGS",
+    "GapQwen2_5VLConfig",
+]

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.configuration_utils import CompileConfig
+from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-LATENT_INTERVENTIONS = (None, "zero", "noise", "shuffle", "mean", "drop")
+from .configuration_gap import LATENT_FEEDBACK_MODES, LATENT_INTERVENTIONS
 
 
 @dataclass
@@ -63,8 +64,8 @@ class GapGenerationMixin:
         return_latents: bool = False,
         **kwargs,
     ):
-        if latent_feedback not in (None, "pca", "ema_norm", "raw"):
-            raise ValueError(f"latent_feedback must be None, 'pca', 'ema_norm' or 'raw'; got {latent_feedback!r}.")
+        if latent_feedback is not None and latent_feedback not in LATENT_FEEDBACK_MODES:
+            raise ValueError(f"latent_feedback must be None or one of {LATENT_FEEDBACK_MODES}; got {latent_feedback!r}.")
         if latent_intervention not in LATENT_INTERVENTIONS:
             raise ValueError(f"latent_intervention must be one of {LATENT_INTERVENTIONS}; got {latent_intervention!r}.")
         if max_latent_spans is not None and (not isinstance(max_latent_spans, int) or max_latent_spans < 0):
@@ -83,32 +84,49 @@ class GapGenerationMixin:
             self._latent_generation_options = None
 
     def _beam_search(self, *args, **kwargs):
-        raise NotImplementedError("GAP generate supports greedy search and sampling (num_beams=1).")
+        raise NotImplementedError(
+            "GAP generate supports greedy search and sampling (num_beams=1): beams would each need their own latent "
+            "state. Pass num_beams=1."
+        )
+
+    def _assisted_decoding(self, input_ids, logits_processor, *args, **kwargs):
+        """Assisted and prompt-lookup decoding verify drafted *tokens*, which cannot carry latents: they run only when
+        no span can open in this call (`latent_intervention="drop"` or `max_latent_spans=0`), and are then stock."""
+        options = self._latent_generation_options or {}
+        start_id = self.config.latent_start_token_id
+        can_open = start_id is not None and options.get("intervention") != "drop" and options.get("max_spans") != 0
+        if can_open:
+            raise ValueError(
+                "Assisted and prompt-lookup decoding are not latent-aware: drafted tokens cannot carry the continuous "
+                "latents a GAP span feeds, so the result would silently differ from GAP generate. Generate without "
+                "`assistant_model` / `prompt_lookup_num_tokens`, or pass `latent_intervention='drop'` (or "
+                "`max_latent_spans=0`) to decode without latent spans."
+            )
+        if start_id is not None:
+            logits_processor.append(SuppressTokensLogitsProcessor([start_id], device=input_ids.device))
+        return super()._assisted_decoding(input_ids, logits_processor, *args, **kwargs)
 
     # ---- one decoding step, shared by every row and every mode ----------------------------------------------
-    def latent_step(
+    def next_input_embeddings(
         self,
         tokens: torch.LongTensor,
-        latent_mode: torch.BoolTensor,
+        latent_mode: torch.BoolTensor | None,
         previous_hidden: torch.Tensor,
-        position_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
-        cache,
         feedback: str,
         intervention: str | None = None,
         intervention_noise: torch.Tensor | None = None,
         intervention_permutation: torch.LongTensor | None = None,
     ):
-        """Feed one element per row and return `(logits (B, V) fp32, hidden (B, d), fed_latents (B, d))`.
+        """What each row is fed next: `(embeddings (B, d), latents (B, d) or None)`.
 
-        Rows with `latent_mode` (None: no row) get the latent head's output on `previous_hidden` (B, d) as input embedding (after
-        the intervention), the others the embedding of `tokens` (B,). `position_ids` is (3, B, 1), `attention_mask`
-        (B, total_length), `cache` the KV cache. Mode switches are data, not control flow.
+        Rows with `latent_mode` (B,) get the latent head's output on `previous_hidden` (B, d), after the
+        intervention; the others the embedding of `tokens` (B,). `latent_mode=None` (no row in latent mode, eager
+        paths only) skips the head. Mode switches are data, not control flow.
         """
         token_embeddings = self.get_input_embeddings()(tokens)
-        if latent_mode is None:  # no row in latent mode (eager paths only): skip the head
-            return self._decode(token_embeddings, position_ids, attention_mask, cache) + (None,)
-        latents = self.latent_head(previous_hidden, feedback=feedback)
+        if latent_mode is None:
+            return token_embeddings, None
+        latents = self.latent_head(previous_hidden, feedback)
         if intervention == "zero":
             latents = torch.zeros_like(latents)
         elif intervention == "noise":
@@ -119,16 +137,39 @@ class GapGenerationMixin:
         elif intervention == "mean":
             latents = self.latent_head.pca_mean.to(latents.dtype).expand_as(latents)
         embeds = torch.where(latent_mode[:, None], latents.to(token_embeddings.dtype), token_embeddings)
-        return self._decode(embeds, position_ids, attention_mask, cache) + (latents,)
+        return embeds, latents
 
-    def _decode(self, embeds, position_ids, attention_mask, cache):
-        """(B, d) input embeddings -> (logits (B, V) fp32, final hidden state (B, d)), one position over the cache."""
+    def latent_step(
+        self,
+        tokens: torch.LongTensor,
+        latent_mode: torch.BoolTensor | None,
+        previous_hidden: torch.Tensor,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        cache,
+        feedback: str,
+        intervention: str | None = None,
+        intervention_noise: torch.Tensor | None = None,
+        intervention_permutation: torch.LongTensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ):
+        """Feed one element per row over the KV cache: `(logits (B, V) fp32, hidden (B, d), fed latents (B, d) or
+        None, per-layer hidden states or None, per-layer attentions or None)`.
+
+        `position_ids` is (3, B, 1), `attention_mask` (B, total_length), `cache` the KV cache; the inputs are as in
+        [`next_input_embeddings`]. This is the function the static-cache path compiles.
+        """
+        embeds, latents = self.next_input_embeddings(
+            tokens, latent_mode, previous_hidden, feedback, intervention, intervention_noise, intervention_permutation
+        )
         outputs = self.model.language_model(
             inputs_embeds=embeds[:, None], attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            use_cache=True,
+            use_cache=True, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
-        hidden = outputs.last_hidden_state[:, -1]
-        return self.lm_head(hidden).float(), hidden
+        # A fresh (B, d) tensor: its strides are the same at every batch size and step (no recompilation).
+        hidden = outputs.last_hidden_state[:, -1].clone(memory_format=torch.contiguous_format)
+        return self.lm_head(hidden).float(), hidden, latents, outputs.hidden_states, outputs.attentions
 
     # ---- the decoding loop (transformers' `_sample`, latent-aware) ------------------------------------------
     def _latent_step_function(self, cache, generation_config):
@@ -136,6 +177,8 @@ class GapGenerationMixin:
         accelerator, or an explicit `compile_config` on any device; never with `disable_compile`)."""
         compileable = cache is not None and getattr(cache, "is_compileable", False) and type(cache) is not DynamicCache
         wanted = self.device.type != "cpu" or generation_config.compile_config is not None
+        if getattr(self, "hf_quantizer", None) is not None:
+            wanted = wanted and self.hf_quantizer.is_compileable
         if not (compileable and wanted) or generation_config.disable_compile:
             return self.latent_step, False
         compile_config = generation_config.compile_config or CompileConfig(fullgraph=True)
@@ -143,6 +186,29 @@ class GapGenerationMixin:
             self._latent_step_compile_config = compile_config
             self._compiled_latent_step = torch.compile(self.latent_step, **compile_config.to_dict())
         return self._compiled_latent_step, True
+
+    def _uncached_step(self, input_ids, fed_embeddings, positions, attention_mask, prompt, output_hidden_states,
+                       output_attentions):
+        """`use_cache=False`: the whole sequence again, as stock does, with every fed latent at its slot.
+
+        `fed_embeddings` (B, n, d) are the generated elements' input embeddings (tokens or latents), `positions`
+        (4, B, L) and `attention_mask` (B, L) cover prompt and generated elements; `prompt` holds the prompt's
+        `input_ids` (or `inputs_embeds`) and its image features, reused (stock re-encodes the same pixels).
+        """
+        if prompt["inputs_embeds"] is not None:
+            prompt_embeds, ids, image_outputs = prompt["inputs_embeds"], None, None
+        else:
+            ids, image_outputs = input_ids, prompt["image_outputs"]
+            prompt_embeds = self.get_input_embeddings()(input_ids[:, : prompt["length"]])
+        embeds = torch.cat([prompt_embeds, fed_embeddings.to(prompt_embeds.dtype)], dim=1)
+        outputs = self.model(
+            input_ids=ids, inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+            mm_encoder_outputs={"image": image_outputs} if image_outputs is not None else None,
+            mm_token_type_ids=prompt["mm_token_type_ids"], use_cache=False,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        )
+        hidden = outputs.last_hidden_state[:, -1].clone(memory_format=torch.contiguous_format)
+        return self.lm_head(hidden).float(), hidden, outputs.hidden_states, outputs.attentions
 
     def _sample(
         self,
@@ -164,26 +230,42 @@ class GapGenerationMixin:
         k = self.config.max_latents_per_span
         sampled_end = self.config.latent_span_rule == "sampled_end"
         device = input_ids.device
-        batch_size, prompt_length = input_ids.shape
+        batch_size, prompt_length = input_ids.shape  # prompt_length is 0 for a prompt given as `inputs_embeds`
         pad_token = generation_config._pad_token_tensor
         has_eos_stopping_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
         return_dict = generation_config.return_dict_in_generate
+        use_cache = model_kwargs.get("use_cache", True)
         scores = () if return_dict and generation_config.output_scores else None
         raw_logits = () if return_dict and generation_config.output_logits else None
+        output_attentions = bool(return_dict and generation_config.output_attentions)
+        output_hidden_states = bool(return_dict and generation_config.output_hidden_states)
+        attentions = () if output_attentions else None
+        hidden_states = () if output_hidden_states else None
 
+        prompt_embeds = model_kwargs.get("inputs_embeds") if not generation_config.is_assistant else None
+        context_length = prompt_embeds.shape[1] if prompt_embeds is not None and prompt_length == 0 else prompt_length
         prompt_mask = model_kwargs.get("attention_mask")
         if prompt_mask is None:
-            prompt_mask = torch.ones_like(input_ids)
-        last_position = model_kwargs["position_ids"][-3:, :, -1:]  # (3, B, 1) rope axes of the last prompt element
+            prompt_mask = torch.ones(batch_size, context_length, dtype=torch.long, device=device)
+        positions = model_kwargs["position_ids"]  # (4, B, L): the text axis and the three M-RoPE axes
+        last_position = positions[-3:, :, -1:]  # (3, B, 1) rope axes of the last prompt element
 
         model_kwargs["logits_to_keep"] = 1
-        outputs = self._prefill(input_ids, generation_config, model_kwargs)
-        cache = outputs.cache
+        outputs = self._prefill(input_ids, generation_config, model_kwargs,
+                                is_first_iteration=not generation_config.is_assistant)
+        cache = outputs.cache if use_cache else None
         logits = outputs.logits[:, -1].float()
-        hidden = outputs.last_hidden_state[:, -1].contiguous()  # the same strides as every later step
+        hidden = outputs.last_hidden_state[:, -1].clone(memory_format=torch.contiguous_format)
+        step_hidden_states, step_attentions = outputs.hidden_states, outputs.attentions
         if feedback == "ema_norm" and float(self.latent_head.ema_norm) == 0 and outputs.image_outputs is not None:
             # Training-free calibration when the buffer was never set: the prompt's own visual input embeddings.
-            self.latent_head.update_ema_norm(torch.cat(outputs.image_outputs.pooler_output))
+            self.latent_head.update_ema_norm(
+                torch.cat(outputs.image_outputs.pooler_output), self.config.latent_ema_momentum
+            )
+        prompt = dict(
+            length=prompt_length, inputs_embeds=prompt_embeds if prompt_length == 0 else None,
+            image_outputs=outputs.image_outputs, mm_token_type_ids=model_kwargs.get("mm_token_type_ids"),
+        )
         del outputs
 
         step_function, compiled = self._latent_step_function(cache, generation_config)
@@ -192,10 +274,11 @@ class GapGenerationMixin:
             # One mask of fixed shape for every step: causality hides the slots not written yet.
             max_cache_length = cache.get_max_length()
             attention_mask = torch.cat(
-                [prompt_mask, prompt_mask.new_ones(batch_size, max_cache_length - prompt_length)], dim=-1
+                [prompt_mask, prompt_mask.new_ones(batch_size, max_cache_length - prompt_mask.shape[1])], dim=-1
             )
         else:
             attention_mask = prompt_mask
+        fed_embeddings = []  # use_cache=False: every generated element's input embedding, in order
 
         generator = torch.Generator(device=device).manual_seed(options["seed"])
         permutation = None
@@ -203,7 +286,8 @@ class GapGenerationMixin:
             permutation = torch.randperm(hidden.shape[-1], generator=generator, device=device)
 
         unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
-        slots_left = torch.where(input_ids[:, -1] == start_id, k, 0).to(device)  # a prompt may end in latent mode
+        last_token = input_ids[:, -1] if prompt_length else torch.full((batch_size,), -1, device=device)
+        slots_left = torch.where(last_token == start_id, k, 0).to(device)  # a prompt may end in latent mode
         end_due = torch.zeros(batch_size, dtype=torch.bool, device=device)
         spans_opened = (input_ids == start_id).sum(-1)
         latent_records = []  # (appended-a-slot mask (B,), fed latents (B, d)) per step
@@ -215,6 +299,10 @@ class GapGenerationMixin:
         for step in range(max_steps):
             if raw_logits is not None:
                 raw_logits += (logits,)
+            if hidden_states is not None:
+                hidden_states += (step_hidden_states,)
+            if attentions is not None:
+                attentions += (step_attentions,)
             next_scores = logits_processor(input_ids, logits.clone() if raw_logits is not None else logits)
             # `drop` and `max_latent_spans` win over every logits processor: the span cannot open.
             if intervention == "drop":
@@ -264,12 +352,23 @@ class GapGenerationMixin:
                 torch.compiler.cudagraph_mark_step_begin()
             # On the CPU a look at the mode flags is free: skip the head when no row is in latent mode.
             mode = append_slot if compiled or device.type != "cpu" or bool(append_slot.any()) else None
-            logits, hidden, fed = step_function(
-                next_tokens, mode, hidden, last_position, attention_mask, cache, feedback,
-                intervention, noise, permutation,
-            )
-            if compiled:  # CUDA-graph outputs are overwritten by the next replay: keep copies
-                logits, hidden, fed = logits.clone(), hidden.clone(), fed.clone()
+            if use_cache:
+                logits, hidden, fed, step_hidden_states, step_attentions = step_function(
+                    next_tokens, mode, hidden, last_position, attention_mask, cache, feedback,
+                    intervention, noise, permutation, output_hidden_states, output_attentions,
+                )
+                if compiled:  # CUDA-graph outputs are overwritten by the next replay: keep copies
+                    logits, hidden, fed = logits.clone(), hidden.clone(), fed.clone()
+            else:
+                embeds, fed = self.next_input_embeddings(
+                    next_tokens, mode, hidden, feedback, intervention, noise, permutation
+                )
+                fed_embeddings.append(embeds)
+                positions = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
+                logits, hidden, step_hidden_states, step_attentions = self._uncached_step(
+                    input_ids, torch.stack(fed_embeddings, dim=1), positions, attention_mask, prompt,
+                    output_hidden_states, output_attentions,
+                )
             if fed is not None:
                 latent_records.append((append_slot, fed))
 
@@ -280,6 +379,8 @@ class GapGenerationMixin:
             input_ids = input_ids[:, : prompt_length + keep]
             scores = scores[:keep] if scores is not None else None
             raw_logits = raw_logits[:keep] if raw_logits is not None else None
+            hidden_states = hidden_states[:keep] if hidden_states is not None else None
+            attentions = attentions[:keep] if attentions is not None else None
 
         if streamer is not None:
             streamer.end()
@@ -289,8 +390,10 @@ class GapGenerationMixin:
             sequences=input_ids,
             scores=scores,
             logits=raw_logits,
+            attentions=attentions,
+            hidden_states=hidden_states,
             cache=cache,
-            latents=self._collect_latents(latent_records, input_ids[:, prompt_length - 1 :], k),
+            latents=self._collect_latents(latent_records, input_ids[:, max(prompt_length - 1, 0) :], k),
         )
 
     def _collect_latents(self, records, generated: torch.LongTensor, k: int) -> list[torch.Tensor]:

@@ -6,6 +6,7 @@ conversion of a stock Qwen2.5-VL checkpoint.
 """
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -13,9 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
 from .configuration_gap import GapQwen2_5VLConfig
@@ -23,6 +27,8 @@ from .generation_gap import GapGenerationMixin
 
 
 PCA_SCALE_FLOOR = 1e-2  # smallest per-direction std kept, relative to the largest
+# `from_pretrained` options that locate a checkpoint's config (forwarded to read its model type).
+_HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
 class GapLatentHead(nn.Module):
@@ -35,15 +41,16 @@ class GapLatentHead(nn.Module):
 
     Buffers (saved with the weights): `pca_mean` (d,), `pca_components` (d, r) (a parameter when
     `latent_pca_trainable`), `pca_scale` (r,), `ema_norm` () — 0 until calibrated.
+
+    The head holds tensors only: the feedback mode, the loss and the EMA momentum are read from the model's config
+    at each call (the model passes them), so a config change reaches every copy of the head (PEFT's
+    `modules_to_save` copies it).
     """
 
     def __init__(self, config: GapQwen2_5VLConfig):
         super().__init__()
         hidden_size = config.text_config.hidden_size
         rank = min(config.latent_pca_rank, hidden_size)
-        self.feedback = config.latent_feedback
-        self.loss_kind = config.latent_loss
-        self.ema_momentum = config.latent_ema_momentum
         self.norm = Qwen2_5_VLRMSNorm(hidden_size, eps=config.text_config.rms_norm_eps)
         self.proj = nn.Linear(hidden_size, rank, bias=False)
         self.register_buffer("pca_mean", torch.zeros(hidden_size))
@@ -59,13 +66,20 @@ class GapLatentHead(nn.Module):
     def rank(self) -> int:
         return self.pca_scale.shape[0]
 
-    def reset_parameters(self):
-        self.norm.weight.data.fill_(1.0)
-        nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(self.proj.in_features))
+    def init_weights(self):
+        """The state of an unfitted head: identity subspace, unit scale, uncalibrated EMA norm. Uses transformers'
+        guarded initialisers, so weights loaded from a checkpoint are left alone."""
+        init.ones_(self.norm.weight)
+        init.normal_(self.proj.weight, std=1.0 / math.sqrt(self.proj.in_features))
+        init.zeros_(self.pca_mean)
+        init.copy_(self.pca_components, torch.eye(*self.pca_components.shape, dtype=self.pca_components.dtype,
+                                                  device=self.pca_components.device))
+        init.ones_(self.pca_scale)
+        init.zeros_(self.ema_norm)
 
-    def forward(self, hidden_states: torch.Tensor, feedback: str | None = None) -> torch.Tensor:
-        """(..., d) final hidden states -> (..., d) latent input embeddings, by `feedback` (default: the config's)."""
-        feedback = feedback or self.feedback
+    def forward(self, hidden_states: torch.Tensor, feedback: str) -> torch.Tensor:
+        """(..., d) final hidden states -> (..., d) latent input embeddings, by `feedback` (`config.latent_feedback`
+        or a per-call override)."""
         if feedback == "raw":
             return hidden_states
         if feedback == "ema_norm":
@@ -87,31 +101,32 @@ class GapLatentHead(nn.Module):
         components = self.pca_components.to(embeddings.dtype)
         return mean + ((embeddings - mean) @ components) @ components.T
 
-    def teacher_inputs(self, targets: torch.Tensor) -> torch.Tensor:
+    def teacher_inputs(self, targets: torch.Tensor, feedback: str) -> torch.Tensor:
         """What teacher forcing feeds at the latent slots: in `pca` mode the targets projected onto the subspace,
         so that training inputs match what the head can produce; otherwise the targets themselves."""
-        return self.project(targets) if self.feedback == "pca" else targets
+        return self.project(targets) if feedback == "pca" else targets
 
-    def loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Latent loss of (n, d) predictions against (n, d) targets, by `config.latent_loss`."""
+    def loss(self, predictions: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+        """Latent loss of (n, d) predictions against (n, d) targets, by `kind` (`config.latent_loss`)."""
         predictions, targets = predictions.float(), targets.float()
         cosine = 1 - F.cosine_similarity(predictions, targets, dim=-1).mean()
-        if self.loss_kind == "cos":
+        if kind == "cos":
             return cosine
-        if self.loss_kind == "mse":
+        if kind == "mse":
             return F.mse_loss(predictions, targets)
         return F.mse_loss(self.whiten(predictions), self.whiten(targets)) + cosine
 
     @torch.no_grad()
-    def update_ema_norm(self, visual_embeddings: torch.Tensor):
-        """Fold the mean norm of (n, d) visual input embeddings into the `ema_norm` buffer (the first call sets it)."""
+    def update_ema_norm(self, visual_embeddings: torch.Tensor, momentum: float):
+        """Fold the mean norm of (n, d) visual input embeddings into the `ema_norm` buffer with `momentum`
+        (`config.latent_ema_momentum`); the first call sets it."""
         if visual_embeddings.numel() == 0:
             return
         mean_norm = visual_embeddings.float().norm(dim=-1).mean().to(self.ema_norm.dtype)
         if self.ema_norm.item() == 0:
             self.ema_norm.copy_(mean_norm)
         else:
-            self.ema_norm.mul_(self.ema_momentum).add_((1 - self.ema_momentum) * mean_norm)
+            self.ema_norm.mul_(momentum).add_((1 - momentum) * mean_norm)
 
     @torch.no_grad()
     def set_pca(self, mean: torch.Tensor, components: torch.Tensor, scale: torch.Tensor):
@@ -235,7 +250,7 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
     def __init__(self, config: GapQwen2_5VLConfig):
         super().__init__(config)
         self.latent_head = GapLatentHead(config)
-        self.latent_head.reset_parameters()
+        self.latent_head.init_weights()
         # `register_for_auto_class` records one auto class per class; this one also loads as a causal LM.
         auto_map = dict(getattr(config, "auto_map", None) or {})
         auto_map.setdefault("AutoModelForCausalLM", f"{_module_leaf(type(self))}.{type(self).__name__}")
@@ -243,9 +258,29 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
 
     def _init_weights(self, module):
         if isinstance(module, GapLatentHead):
-            module.reset_parameters()
+            module.init_weights()
             return
         super()._init_weights(module)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a stock Qwen2.5-VL checkpoint: its weights are stored under
+        the stock class's names and it has no latent tokens, so it must be converted with `from_qwen2_5_vl`."""
+        config = kwargs.get("config")
+        if config is None and pretrained_model_name_or_path is not None:
+            hub_options = {k: kwargs[k] for k in _HUB_OPTIONS if k in kwargs}
+            config_dict, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub_options)
+            model_type = config_dict.get("model_type")
+        else:
+            model_type = getattr(config, "model_type", None) if not isinstance(config, (str, os.PathLike)) else None
+        if model_type is not None and model_type != cls.config_class.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is a {model_type!r} checkpoint, not a GAP one "
+                f"({cls.config_class.model_type!r}). Convert it first: `model, processor = "
+                f"from_qwen2_5_vl({str(pretrained_model_name_or_path)!r}, num_latent_tokens=8, latent_feedback='pca')`, "
+                "then `save_pretrained`."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     # ---- latent spans -------------------------------------------------------------------------------------
     def latent_slot_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
@@ -283,13 +318,37 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
                 )
         return slots
 
+    def _encode_images(self, pixel_values, image_grid_thw, aux_pixel_values=None, aux_image_grid_thw=None):
+        """One vision-tower call for the question images and, if given, the aux images.
+
+        Returns `({"image": outputs of the question images}, aux features)`: the aux images' per-image
+        `(n_tokens, d)` visual input embeddings, detached (targets carry no gradient), or None.
+        """
+        if aux_pixel_values is None:
+            return {"image": self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)}, None
+        if aux_image_grid_thw is None:
+            raise ValueError("`aux_pixel_values` needs `aux_image_grid_thw` (one (t, h, w) row per aux image).")
+        outputs = self.model.get_image_features(
+            torch.cat([pixel_values, aux_pixel_values.to(pixel_values.device, pixel_values.dtype)]),
+            torch.cat([image_grid_thw, aux_image_grid_thw.to(image_grid_thw.device)]),
+            return_dict=True,
+        )
+        n_images = image_grid_thw.shape[0]
+        aux_features = [f.detach() for f in outputs.pooler_output[n_images:]]
+        outputs.pooler_output = outputs.pooler_output[:n_images]
+        if outputs.last_hidden_state is not None:  # patch states, one contiguous block per image
+            outputs.last_hidden_state = outputs.last_hidden_state[: pixel_values.shape[0]]
+        return {"image": outputs}, aux_features
+
     def encode_latent_targets(
-        self, aux_pixel_values: torch.Tensor, aux_image_grid_thw: torch.LongTensor
+        self, aux_pixel_values: torch.Tensor, aux_image_grid_thw: torch.LongTensor, features=None
     ) -> torch.Tensor:
         """Aux images -> (n_aux, K, d) targets: the model's own visual input embeddings of each image (vision tower
-        + merger, no gradient), pooled to K by `config.latent_target_pooling`."""
-        with torch.no_grad():
-            features = self.model.get_image_features(aux_pixel_values, aux_image_grid_thw).pooler_output
+        + merger, no gradient), pooled to K by `config.latent_target_pooling`. `features` (per-image
+        `(n_tokens, d)`) skips the vision tower when the images were already encoded."""
+        if features is None:
+            with torch.no_grad():
+                features = self.model.get_image_features(aux_pixel_values, aux_image_grid_thw).pooler_output
         merge = self.config.vision_config.spatial_merge_size
         targets = [
             pool_latent_targets(
@@ -300,7 +359,9 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
         ]
         return torch.stack(targets).detach()
 
-    def _gather_latent_targets(self, latent_targets, aux_pixel_values, aux_image_grid_thw, slots, input_ids):
+    def _gather_latent_targets(
+        self, latent_targets, aux_pixel_values, aux_image_grid_thw, slots, input_ids, aux_features=None
+    ):
         """The (n_spans, K, d) targets of the spans in `input_ids`, checked against the spans."""
         k = self.config.num_latent_tokens
         spans_per_row = (slots.sum(-1) // k).tolist()
@@ -317,7 +378,7 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
         if latent_targets is None:
             if aux_image_grid_thw is None:
                 raise ValueError("`aux_pixel_values` needs `aux_image_grid_thw` (one (t, h, w) row per aux image).")
-            latent_targets = self.encode_latent_targets(aux_pixel_values, aux_image_grid_thw)
+            latent_targets = self.encode_latent_targets(aux_pixel_values, aux_image_grid_thw, aux_features)
         elif isinstance(latent_targets, (list, tuple)):
             per_row = [torch.as_tensor(t) for t in latent_targets]
             if len(per_row) != len(spans_per_row):
@@ -339,6 +400,8 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
         return latent_targets
 
     # ---- forward ------------------------------------------------------------------------------------------
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -379,25 +442,31 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
         Returns `loss = ce_loss + config.latent_loss_weight * latent_loss`, `ce_loss`, `latent_loss`,
         `latent_predictions`, `latent_targets` and the stock outputs.
         """
-        slots = None
-        targets = None
+        slots = targets = aux_features = None
         if input_ids is not None and (cache is None or cache.get_seq_length() == 0):
             slots = self.latent_slot_mask(input_ids)
-            targets = self._gather_latent_targets(latent_targets, aux_pixel_values, aux_image_grid_thw, slots, input_ids)
-        has_spans = targets is not None and targets.shape[0] > 0
-
+        encode_aux = slots is not None and latent_targets is None and aux_pixel_values is not None
         if pixel_values is not None and mm_encoder_outputs is None:
-            image_outputs = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-            mm_encoder_outputs = {"image": image_outputs}
+            mm_encoder_outputs, aux_features = self._encode_images(
+                pixel_values, image_grid_thw, aux_pixel_values if encode_aux else None, aux_image_grid_thw
+            )
             pixel_values = None
             if self.training:
-                self.latent_head.update_ema_norm(torch.cat(image_outputs.pooler_output).detach())
+                visual = torch.cat(mm_encoder_outputs["image"].pooler_output).detach()
+                self.latent_head.update_ema_norm(visual, self.config.latent_ema_momentum)
+        if slots is not None:
+            targets = self._gather_latent_targets(
+                latent_targets, aux_pixel_values, aux_image_grid_thw, slots, input_ids, aux_features
+            )
+        has_spans = targets is not None and targets.shape[0] > 0
 
         if has_spans:
             if inputs_embeds is None:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
             targets = targets.to(inputs_embeds.device, inputs_embeds.dtype)
-            fed = latent_inputs if latent_inputs is not None else self.latent_head.teacher_inputs(targets)
+            fed = latent_inputs
+            if fed is None:
+                fed = self.latent_head.teacher_inputs(targets, self.config.latent_feedback)
             if fed.shape != targets.shape:
                 raise ValueError(f"latent_inputs has shape {tuple(fed.shape)}; the spans need {tuple(targets.shape)}.")
             fed = fed.to(inputs_embeds.device, inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
@@ -436,8 +505,11 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
             previous = torch.roll(slots, shifts=-1, dims=1).to(hidden_states.device)
             weight = self.config.latent_loss_weight
             with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
-                latent_predictions = self.latent_head(hidden_states[previous]).reshape(targets.shape)
-                latent_loss = self.latent_head.loss(latent_predictions.flatten(0, 1), targets.flatten(0, 1))
+                predictions = self.latent_head(hidden_states[previous], self.config.latent_feedback)
+                latent_predictions = predictions.reshape(targets.shape)
+                latent_loss = self.latent_head.loss(
+                    latent_predictions.flatten(0, 1), targets.flatten(0, 1), self.config.latent_loss
+                )
             if weight == 0:
                 latent_loss = latent_loss.detach()
 
@@ -528,9 +600,7 @@ def fit_latent_head_pca(
 
     iterator = calibration
     if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(calibration, desc="PCA calibration")
+        iterator = logging.tqdm(calibration, desc="PCA calibration")
     was_training = model.training
     model.eval()
     for item in iterator:
@@ -632,7 +702,7 @@ def from_qwen2_5_vl(base_model_or_path, processor=None, preset: str = "gap", **g
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner)._buffers[leaf] = buffer
     model.latent_head = GapLatentHead(config).to(device=device, dtype=dtype)
-    model.latent_head.reset_parameters()
+    model.latent_head.init_weights()
     model.tie_weights()
     model.generation_config = base.generation_config
     if len(processor.tokenizer) > config.text_config.vocab_size:

@@ -29,7 +29,7 @@ def test_teacher_forced_forward_matches_cached_loop(tiny_gap):
         input_ids, batch["mm_token_type_ids"], batch["image_grid_thw"], attention_mask=mask
     )
     slots = model.latent_slot_mask(input_ids)
-    fed = model.latent_head.teacher_inputs(full.latent_targets).reshape(-1, model.config.text_config.hidden_size)
+    fed = model.latent_head.teacher_inputs(full.latent_targets, model.config.latent_feedback).reshape(-1, model.config.text_config.hidden_size)
     embeds = model.get_input_embeddings()(input_ids).masked_scatter(slots[..., None], fed)
 
     # Prefill everything before the first latent slot in any row (it holds all images).

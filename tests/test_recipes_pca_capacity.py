@@ -49,7 +49,7 @@ def test_fit_pca_converts_fits_and_the_reloaded_model_uses_the_buffers(tmp_path)
     assert torch.allclose(head.pca_components.T @ head.pca_components, torch.eye(64), atol=1e-4)
     # Its latents are the fitted subspace's: mean + U (s * coords).
     states = torch.randn(5, 64)
-    latents = head(states)
+    latents = head(states, model.config.latent_feedback)
     expected = head.pca_mean + (head.proj(head.norm(states)) * head.pca_scale) @ head.pca_components.T
     assert torch.allclose(latents, expected, atol=1e-5)
 

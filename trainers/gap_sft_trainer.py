@@ -145,9 +145,6 @@ class GapSFTTrainer(SFTTrainer):
         # The trainer's settings win over the checkpoint's and are saved with it.
         base.config.latent_loss_weight = float(args.latent_loss_weight)
         base.config.latent_loss = args.latent_loss
-        for module in base.modules():  # the head, and its trainable copy under PEFT's modules_to_save
-            if hasattr(module, "loss_kind") and hasattr(module, "teacher_inputs"):
-                module.loss_kind = args.latent_loss
         if args.freeze_vision_tower:
             base.model.visual.requires_grad_(False)
         if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
