@@ -638,7 +638,53 @@ def add_latent_tokens(tokenizer, tokens=None) -> tuple[int, int, int]:
     return tuple(tokenizer.convert_tokens_to_ids(t) for t in names)
 
 
-def from_qwen2_5_vl(base_model_or_path, processor=None, preset: str = "gap", **gap_options):
+# GAP config fields that a re-configuration may not change: they define the tokens or the head's shape.
+_FIXED_GAP_FIELDS = (
+    "latent_preset", "latent_pad_token", "latent_start_token", "latent_end_token", "latent_pad_token_id",
+    "latent_start_token_id", "latent_end_token_id", "latent_pca_rank", "latent_pca_trainable",
+)
+
+
+def _is_gap_checkpoint(path) -> bool:
+    if not (isinstance(path, (str, bytes)) or hasattr(path, "__fspath__")):
+        return False
+    config_dict, _ = GapQwen2_5VLConfig.get_config_dict(str(path))
+    return config_dict.get("model_type") == GapQwen2_5VLConfig.model_type
+
+
+def _reconfigure_gap(model_or_path, processor, preset, gap_options):
+    """`from_qwen2_5_vl` on a GAP checkpoint: load it and set `gap_options` on its config and processor."""
+    from .processing_gap import GapQwen2_5VLProcessor
+
+    if isinstance(model_or_path, GapQwen2_5VLForConditionalGeneration):
+        model = model_or_path
+        if processor is None:
+            raise ValueError("Re-configuring an in-memory GAP model needs its `processor`.")
+    else:
+        path = str(model_or_path)
+        model = GapQwen2_5VLForConditionalGeneration.from_pretrained(path, dtype=gap_options.pop("dtype", "auto"))
+        processor = processor or GapQwen2_5VLProcessor.from_pretrained(path)
+    fixed = [k for k in _FIXED_GAP_FIELDS if k in gap_options and gap_options[k] != getattr(model.config, k)]
+    if preset is not None and preset != model.config.latent_preset:
+        fixed.insert(0, "preset")
+    if fixed:
+        raise ValueError(
+            f"{model_or_path if not isinstance(model_or_path, torch.nn.Module) else 'This model'} is already a GAP "
+            f"model (preset {model.config.latent_preset!r}); {', '.join(fixed)} cannot change on it: they define "
+            "its latent tokens or the latent head's shape. Convert the stock Qwen2.5-VL checkpoint it came from "
+            "instead, or leave those options out to change only K, the feedback or the span rule."
+        )
+    unknown = [k for k in gap_options if not hasattr(model.config, k)]
+    if unknown:
+        raise ValueError(f"Unknown GAP option(s) {unknown}: pass fields of GapQwen2_5VLConfig.")
+    for key, value in gap_options.items():
+        setattr(model.config, key, value)
+    model.config._validate_gap_fields()
+    processor.num_latent_tokens = model.config.num_latent_tokens
+    return model, processor
+
+
+def from_qwen2_5_vl(base_model_or_path, processor=None, preset: str | None = None, **gap_options):
     """Turn a Qwen2.5-VL checkpoint (a model, or a path / repo id) into a GAP model; its weights stay untouched.
 
     `preset` names whose tokens and span rule to follow: `"gap"` (default), or `"monet"`, `"mirage"`, `"lvr"` for
@@ -648,10 +694,17 @@ def from_qwen2_5_vl(base_model_or_path, processor=None, preset: str = "gap", **g
     [`GapQwen2_5VLConfig`] (e.g. `num_latent_tokens=8`, `latent_feedback="raw" | "ema_norm" | "pca"`) and win over the
     preset. `processor` defaults to the one saved at the path. Returns `(model, processor)`, the processor a
     [`GapQwen2_5VLProcessor`].
+
+    Given a GAP checkpoint (or model), it is re-configured instead: `gap_options` set the fields that leave the
+    weights valid (K, feedback, span rule, loss settings) and the fitted latent head is kept; a change of preset,
+    latent tokens or PCA rank is refused (those need a conversion from the stock checkpoint).
     """
     from .configuration_gap import LATENT_PRESETS
     from .processing_gap import GapQwen2_5VLProcessor
 
+    if isinstance(base_model_or_path, GapQwen2_5VLForConditionalGeneration) or _is_gap_checkpoint(base_model_or_path):
+        return _reconfigure_gap(base_model_or_path, processor, preset, gap_options)
+    preset = preset or "gap"
     if preset not in LATENT_PRESETS:
         raise ValueError(f"preset must be one of {tuple(LATENT_PRESETS)}; got {preset!r}.")
     preset_fields = {k: v for k, v in LATENT_PRESETS[preset].items() if k != "added"}

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import COLORS, chat, solid_image
@@ -106,3 +107,24 @@ def test_round_trip_from_offline_hub_cache(tiny_gap, tmp_path):
     )
     _check(info, logits, expected, processor)
     shutil.rmtree(hf_home)
+
+
+def test_from_qwen2_5_vl_reconfigures_a_gap_checkpoint(tmp_path):
+    from modeling_gap import from_qwen2_5_vl
+    from modeling_gap.tiny import build_tiny_gap
+
+    model, processor = build_tiny_gap(seed=0)
+    model.latent_head.ema_norm.fill_(2.5)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again, again_processor = from_qwen2_5_vl(str(tmp_path), num_latent_tokens=8, latent_feedback="raw")
+    assert again.config.num_latent_tokens == 8 and again_processor.num_latent_tokens == 8
+    assert again.config.latent_feedback == "raw"
+    assert float(again.latent_head.ema_norm) == 2.5  # the head was kept
+    assert again.config.latent_token_ids == model.config.latent_token_ids
+    assert again_processor.latent_span.count(again_processor.latent_pad_token) == 8
+    for changes in (dict(preset="monet"), dict(latent_pca_rank=8), dict(latent_pad_token="<x>")):
+        with pytest.raises(ValueError, match="Convert the stock Qwen2.5-VL checkpoint"):
+            from_qwen2_5_vl(str(tmp_path), **changes)
+    with pytest.raises(ValueError, match="num_latent_tokens"):
+        from_qwen2_5_vl(str(tmp_path), num_latent_tokens=0)
