@@ -193,13 +193,10 @@ class GapGenerationMixin:
 
         `fed_embeddings` (B, n, d) are the generated elements' input embeddings (tokens or latents), `positions`
         (4, B, L) and `attention_mask` (B, L) cover prompt and generated elements; `prompt` holds the prompt's
-        `input_ids` (or `inputs_embeds`) and its image features, reused (stock re-encodes the same pixels).
+        input embeddings (embedded once) and its image features, reused (stock re-encodes the same pixels).
         """
-        if prompt["inputs_embeds"] is not None:
-            prompt_embeds, ids, image_outputs = prompt["inputs_embeds"], None, None
-        else:
-            ids, image_outputs = input_ids, prompt["image_outputs"]
-            prompt_embeds = self.get_input_embeddings()(input_ids[:, : prompt["length"]])
+        prompt_embeds = prompt["inputs_embeds"]
+        ids, image_outputs = (None, None) if prompt["length"] == 0 else (input_ids, prompt["image_outputs"])
         embeds = torch.cat([prompt_embeds, fed_embeddings.to(prompt_embeds.dtype)], dim=1)
         outputs = self.model(
             input_ids=ids, inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
@@ -262,10 +259,14 @@ class GapGenerationMixin:
             self.latent_head.update_ema_norm(
                 torch.cat(outputs.image_outputs.pooler_output), self.config.latent_ema_momentum
             )
-        prompt = dict(
-            length=prompt_length, inputs_embeds=prompt_embeds if prompt_length == 0 else None,
-            image_outputs=outputs.image_outputs, mm_token_type_ids=model_kwargs.get("mm_token_type_ids"),
-        )
+        prompt = None
+        if not use_cache:  # what every uncached step feeds again: embedded once
+            if prompt_length:
+                prompt_embeds = self.get_input_embeddings()(input_ids)
+            prompt = dict(
+                length=prompt_length, inputs_embeds=prompt_embeds, image_outputs=outputs.image_outputs,
+                mm_token_type_ids=model_kwargs.get("mm_token_type_ids"),
+            )
         del outputs
 
         step_function, compiled = self._latent_step_function(cache, generation_config)
