@@ -14,17 +14,13 @@ compiled static-cache latent step), when GAP generate supports them.
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, Qwen2_5_VLForConditionalGeneration
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from modeling_gap import GapQwen2_5VLForConditionalGeneration, GapQwen2_5VLProcessor, from_qwen2_5_vl  # noqa: E402
-from modeling_gap.tiny import CHAT_TEMPLATE, tiny_image_processor, tiny_qwen2_5_vl_config, tiny_tokenizer  # noqa: E402
+from modeling_gap import GapQwen2_5VLProcessor, from_qwen2_5_vl
+from trainers.tiny import CHAT_TEMPLATE, tiny_image_processor, tiny_qwen2_5_vl_config, tiny_tokenizer
 
 SHAPES = {
     "tiny": dict(hidden_size=64, num_layers=2, image=56),

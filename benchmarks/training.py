@@ -30,7 +30,6 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 SHAPES = {
     "tiny": dict(hidden_size=64, num_layers=2, image_size=56),
@@ -67,7 +66,7 @@ def worker(args):
     from trl import SFTConfig, SFTTrainer
 
     from modeling_gap import fit_latent_head_pca
-    from modeling_gap.tiny import build_tiny_gap
+    from trainers.tiny import build_tiny_gap
     from trainers import GapDataCollator, GapSFTConfig, GapSFTTrainer, make_synthetic_dataset
 
     torch.set_num_threads(args.threads)

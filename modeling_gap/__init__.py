@@ -1,7 +1,7 @@
 """GAP (Granular Alignment Paradigm) visual-latent reasoning on Qwen2.5-VL.
 
-The files of this package (except `tiny.py`) are what a checkpoint publishes as remote code: they import only
-torch, transformers and each other.
+The files of this package are what a checkpoint publishes as remote code: they import only torch, transformers and
+each other.
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor

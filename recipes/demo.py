@@ -25,14 +25,11 @@ Writes `results.md`, `results.json`, `norms.png`, `lens_*.png` to the output dir
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 LATENT_VARIANTS = [("raw", "raw", True), ("ema_norm", "ema_norm", True), ("pca", "pca", True),
                    ("pca, no capacity", "pca", False)]
@@ -66,7 +63,7 @@ def intent_and_rest(row):
 def variant_rows(rows, kind, use_latent=None):
     """Rows for one variant: `oracle` (aux image as a second input image, no span), `text` (no span), or `latent`
     (spans kept where `use_latent[i]`)."""
-    from trainers.data import remove_latent_markers
+    from trainers.schema import remove_latent_markers
 
     out = []
     for i, row in enumerate(rows):
@@ -101,7 +98,7 @@ def to_dataset(rows):
 
 def train_variant(rows, feedback, capacity_guided, args, workdir):
     from modeling_gap import fit_latent_head_pca
-    from modeling_gap.tiny import build_tiny_gap
+    from trainers.tiny import build_tiny_gap
     from trainers import GapSFTConfig, GapSFTTrainer
 
     model, processor = build_tiny_gap(seed=0, latent_feedback=feedback, num_latent_tokens=4)
@@ -183,24 +180,15 @@ def accuracy(model, processor, rows, args, oracle=False, **generate_kwargs):
     return sum(r["correct"] for r in records) / len(records)
 
 
-def sibling_recipe(name):
-    """Another recipe script of this folder, as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"gap_recipe_{name}", os.path.join(_HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def diagnose_and_draw(model, processor, rows, output_dir):
     """`recipes/diagnose_norms.py` on the test images (norms.png) and `recipes/latent_lens.py` on three rows."""
-    norms, lens = sibling_recipe("diagnose_norms"), sibling_recipe("latent_lens")
-    diagnosis = norms.diagnose(model, processor, eval_rows(rows[:32]))
-    norms.plot(diagnosis, os.path.join(output_dir, "norms.png"), title="tiny GAP (pca variant)")
+    from trainers.diagnostics import diagnose, draw_lens, latent_similarity_maps, plot_norms
+
+    diagnosis = diagnose(model, processor, eval_rows(rows[:32]))
+    plot_norms(diagnosis, os.path.join(output_dir, "norms.png"), title="tiny GAP (pca variant)")
     for i, row in enumerate(eval_rows(rows[:3])):
-        maps, text = lens.latent_similarity_maps(model, processor, row, max_new_tokens=60)
-        lens.draw(row.images[0].convert("RGB"), maps, os.path.join(output_dir, f"lens_{i}.png"), title=text[:60])
+        maps, text = latent_similarity_maps(model, processor, row, max_new_tokens=60)
+        draw_lens(row.images[0].convert("RGB"), maps, os.path.join(output_dir, f"lens_{i}.png"), title=text[:60])
     return diagnosis
 
 

@@ -1,4 +1,4 @@
-"""`trainers.data`: the collator builds GAP's inputs from rows in the spec's schema, honours capacity, and names the
+"""`trainers.collator`: the collator builds GAP's inputs from rows in the spec's schema, honours capacity, and names the
 row of every malformed one; `validate_gap_dataset` checks a whole dataset up front."""
 
 import io
@@ -7,8 +7,8 @@ import datasets
 import pytest
 import torch
 
-from conftest import COLORS, solid_image
-from trainers.data import (
+from testing_utils import COLORS, solid_image
+from trainers.collator import (
     GapDataCollator,
     GapDataError,
     GapDatasetValidationError,

@@ -3,9 +3,9 @@
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from conftest import COLORS, chat, solid_image
+from testing_utils import COLORS, chat, solid_image
 from modeling_gap import GapQwen2_5VLForConditionalGeneration, GapQwen2_5VLProcessor, from_qwen2_5_vl
-from modeling_gap.tiny import save_tiny_qwen2_5_vl
+from trainers.tiny import save_tiny_qwen2_5_vl
 
 
 def test_stock_checkpoint_converts_with_weights_untouched(tmp_path):
@@ -40,7 +40,7 @@ def test_stock_checkpoint_converts_with_weights_untouched(tmp_path):
 
 
 def test_full_vocabulary_is_resized_and_old_rows_kept():
-    from modeling_gap.tiny import build_tiny_qwen2_5_vl, tiny_tokenizer
+    from trainers.tiny import build_tiny_qwen2_5_vl, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     stock, tokenizer, image_processor = build_tiny_qwen2_5_vl(seed=1, vocab_size=len(tokenizer))

@@ -3,7 +3,7 @@
 import torch
 from transformers import DynamicCache
 
-from conftest import COLORS, chat, solid_image
+from testing_utils import COLORS, chat, solid_image
 
 
 def test_teacher_forced_forward_matches_cached_loop(tiny_gap):
@@ -64,7 +64,7 @@ def test_closed_loop_latents_equal_generation(tiny_gap):
     """`closed_loop_latent_inputs` feeds exactly what generate feeds (the self-feedback training path)."""
     from transformers import LogitsProcessorList
 
-    from test_generation import ForceTokenAtStep
+    from testing_utils import ForceTokenAtStep
 
     model, processor = tiny_gap
     processor.tokenizer.padding_side = "left"

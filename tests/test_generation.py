@@ -3,45 +3,15 @@ streaming, bounds, PEFT and bf16."""
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
+from transformers import TextStreamer
 
-from conftest import COLORS, chat, solid_image
-from modeling_gap.tiny import build_tiny_qwen2_5_vl
-
-QUESTIONS = ["Q?", "What colour is the big square?", "Where is the light corner, left or right?", "Why?"]
-
-
-class ForceTokenAtStep(LogitsProcessor):
-    """Forces `token` at generation step(s) `steps[row]` (an int or a set; counted from the prompt's end) per row."""
-
-    def __init__(self, token, steps, prompt_length):
-        self.token, self.steps, self.prompt_length = token, steps, prompt_length
-
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.prompt_length
-        for row, at in self.steps.items():
-            if step == at or (isinstance(at, (set, tuple, list)) and step in at):
-                scores[row] = torch.finfo(scores.dtype).min
-                scores[row, self.token] = 0
-        return scores
-
-
-def _batch(processor, rows=range(4)):
-    processor.tokenizer.padding_side = "left"
-    return processor(
-        images=[solid_image(COLORS[i]) for i in rows], text=[chat(processor, QUESTIONS[i]) for i in rows],
-        padding=True, return_tensors="pt",
-    )
-
-
-def _force(model, batch, steps):
-    return LogitsProcessorList([ForceTokenAtStep(model.config.latent_start_token_id, steps, batch["input_ids"].shape[1])])
-
+from testing_utils import force_span, question_batch
+from trainers.tiny import build_tiny_qwen2_5_vl
 
 def test_without_spans_greedy_equals_stock_generate(tiny_gap):
     model, processor = tiny_gap
     stock = build_tiny_qwen2_5_vl(seed=0)[0]  # the weights the tiny GAP model was converted from
-    batch = _batch(processor)
+    batch = question_batch(processor)
     assert len(set(batch["attention_mask"].sum(-1).tolist())) == 4  # four different prompt lengths, left padded
     ban = [model.config.latent_start_token_id]
     with torch.no_grad():
@@ -55,11 +25,11 @@ def test_forced_span_has_k_slots_and_matches_a_full_forward(tiny_gap):
     model, processor = tiny_gap
     pad, start, end = model.config.latent_token_ids
     k = model.config.num_latent_tokens
-    batch = _batch(processor, rows=[0, 1])
+    batch = question_batch(processor, rows=[0, 1])
     prompt = batch["input_ids"].shape[1]
     with torch.no_grad():
         out = model.generate(
-            **batch, max_new_tokens=k + 8, do_sample=False, logits_processor=_force(model, batch, {0: 2, 1: 2}),
+            **batch, max_new_tokens=k + 8, do_sample=False, logits_processor=force_span(model, batch, {0: 2, 1: 2}),
             max_latent_spans=1, output_logits=True, return_latents=True,
         )
     new = out.sequences[:, prompt:]
@@ -87,14 +57,14 @@ def test_forced_span_has_k_slots_and_matches_a_full_forward(tiny_gap):
 def test_batch_invariance_with_spans_at_different_steps(tiny_gap):
     model, processor = tiny_gap
     steps = {0: 1, 1: 4, 2: 6}  # row 3 never opens a span
-    batch = _batch(processor)
+    batch = question_batch(processor)
     kwargs = dict(max_new_tokens=18, do_sample=False, max_latent_spans=1, return_latents=True)
     with torch.no_grad():
-        together = model.generate(**batch, logits_processor=_force(model, batch, steps), **kwargs)
+        together = model.generate(**batch, logits_processor=force_span(model, batch, steps), **kwargs)
     prompt = batch["input_ids"].shape[1]
     for row in range(4):
-        alone_batch = _batch(processor, rows=[row])
-        force = _force(model, alone_batch, {0: steps[row]} if row in steps else {})
+        alone_batch = question_batch(processor, rows=[row])
+        force = force_span(model, alone_batch, {0: steps[row]} if row in steps else {})
         with torch.no_grad():
             alone = model.generate(**alone_batch, logits_processor=force, **kwargs)
         alone_new = alone.sequences[0, alone_batch["input_ids"].shape[1] :]
@@ -112,7 +82,7 @@ def OPEN_AT_ONCE(model):
 @pytest.fixture(scope="module")
 def probe_runs(tiny_gap):
     model, processor = tiny_gap
-    batch = _batch(processor, rows=[1])
+    batch = question_batch(processor, rows=[1])
     results = {}
     for intervention in [None, "zero", "noise", "shuffle", "mean", "drop"]:
         with torch.no_grad():
@@ -160,8 +130,8 @@ def test_noise_is_seedable(tiny_gap, probe_runs):
 
 def test_sampling_is_reproducible_and_streamer_gets_the_text(tiny_gap):
     model, processor = tiny_gap
-    batch = _batch(processor, rows=[2])
-    force = _force(model, batch, {0: 1})
+    batch = question_batch(processor, rows=[2])
+    force = force_span(model, batch, {0: 1})
 
     def sample():
         torch.manual_seed(1234)
@@ -194,7 +164,7 @@ def test_no_setting_loops_in_latent_mode(tiny_gap, do_sample):
     model, processor = tiny_gap
     pad, start, end = model.config.latent_token_ids
     k = model.config.num_latent_tokens
-    batch = _batch(processor, rows=[0, 3])
+    batch = question_batch(processor, rows=[0, 3])
     torch.manual_seed(0)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=23, do_sample=do_sample, sequence_bias={(start,): 100.0})
@@ -215,8 +185,8 @@ def test_generate_on_peft_model_and_in_bf16(fresh_tiny_gap):
     from peft import LoraConfig, get_peft_model
 
     model, processor = fresh_tiny_gap
-    batch = _batch(processor, rows=[0])
-    force = _force(model, batch, {0: 0})
+    batch = question_batch(processor, rows=[0])
+    force = force_span(model, batch, {0: 0})
     with torch.no_grad():
         plain = model.generate(**batch, max_new_tokens=10, do_sample=False, logits_processor=force)
     peft_model = get_peft_model(

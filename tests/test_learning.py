@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import COLORS, chat, solid_image
+from testing_utils import COLORS, chat, solid_image
 from modeling_gap import fit_latent_head_pca
 
 

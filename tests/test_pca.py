@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from conftest import COLORS, solid_image
+from testing_utils import COLORS, solid_image
 from modeling_gap import StreamingPCA, fit_latent_head_pca
 
 
@@ -43,7 +43,7 @@ def test_pca_head_matches_the_norm_of_visual_embeddings(fresh_tiny_gap):
     assert torch.isclose(model.latent_head.ema_norm, torch.tensor(stats["mean_norm"]), rtol=1e-5)
 
     processor.tokenizer.padding_side = "left"
-    from conftest import chat
+    from testing_utils import chat
 
     batch = processor(
         images=[solid_image(c) for c in COLORS], text=[chat(processor, f"Question {i}?") for i in range(6)],

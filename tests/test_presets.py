@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
 
-from conftest import COLORS, chat, solid_image
+from testing_utils import COLORS, chat, solid_image
 from modeling_gap import LATENT_PRESETS, from_qwen2_5_vl
-from modeling_gap.tiny import build_tiny_qwen2_5_vl
-from test_generation import ForceTokenAtStep
+from trainers.tiny import build_tiny_qwen2_5_vl
+from testing_utils import ForceTokenAtStep
 
 
 def save_foreign_checkpoint(path, preset, seed=5):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import COLORS, chat, solid_image
+from testing_utils import COLORS, chat, solid_image
 
 LOAD_SCRIPT = r"""
 import json, sys, torch
@@ -111,7 +111,7 @@ def test_round_trip_from_offline_hub_cache(tiny_gap, tmp_path):
 
 def test_from_qwen2_5_vl_reconfigures_a_gap_checkpoint(tmp_path):
     from modeling_gap import from_qwen2_5_vl
-    from modeling_gap.tiny import build_tiny_gap
+    from trainers.tiny import build_tiny_gap
 
     model, processor = build_tiny_gap(seed=0)
     model.latent_head.ema_norm.fill_(2.5)

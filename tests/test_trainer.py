@@ -4,15 +4,13 @@ gradient accumulation, resume, several processes, capacity, and malformed datase
 import json
 import math
 import os
-import subprocess
-import sys
 
 import datasets
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, TrainerCallback
 
-from conftest import COLORS, ROOT, solid_image
+from testing_utils import COLORS, ROOT, solid_image
 from modeling_gap import fit_latent_head_pca
 from trainers import (
     GapDataCollator,
@@ -66,7 +64,7 @@ def short_dataset(n=8, markers=None, use_latent=None) -> datasets.Dataset:
 
 def fitted_tiny_gap(dataset=None, seed=0):
     """A fresh tiny GAP model with its PCA head fitted on the dataset's images (as the recipes do)."""
-    from modeling_gap.tiny import build_tiny_gap
+    from trainers.tiny import build_tiny_gap
 
     model, processor = build_tiny_gap(seed=seed)
     processor.tokenizer.eos_token = "<|im_end|>"
@@ -87,7 +85,7 @@ def trainable_state(model):
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory):
     """A tiny GAP checkpoint on disk (weights, remote code, processor): the base of the LoRA and QLoRA runs."""
-    from modeling_gap.tiny import build_tiny_gap
+    from trainers.tiny import build_tiny_gap
 
     path = tmp_path_factory.mktemp("tiny-gap")
     model, processor = build_tiny_gap(seed=0)
@@ -276,75 +274,6 @@ def test_resume_matches_a_straight_run(tmp_path):
         assert torch.allclose(value, straight_state[name], atol=1e-6), name
 
 
-# ---- 6. several processes ------------------------------------------------------------------------------------------
-RANK_SCRIPT = """
-import importlib.util, json, os, sys
-import torch
-from transformers import TrainerCallback
-
-spec = importlib.util.spec_from_file_location("sft", os.path.join({root!r}, "recipes", "sft.py"))
-sft = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sft)
-
-
-class RankLog(TrainerCallback):
-    def __init__(self):
-        self.logs = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.logs.append(dict(logs))
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        rank = int(os.environ.get("RANK", 0))
-        weights = {{name: p.detach().double().sum().item() for name, p in model.named_parameters()}}
-        with open(os.path.join(args.output_dir, f"rank{{rank}}.json"), "w") as f:
-            json.dump(dict(rank=rank, world=int(os.environ.get("WORLD_SIZE", 1)), logs=self.logs, weights=weights), f)
-
-
-script_args, training_args, model_args = sft.make_parser().parse_args_and_config()
-sft.main(script_args, training_args, model_args, callbacks=[RankLog()])
-if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()
-"""
-
-
-@pytest.mark.slow
-def test_two_processes_agree_and_match_one_process(tmp_path):
-    script = tmp_path / "sft_ranks.py"
-    script.write_text(RANK_SCRIPT.format(root=ROOT))
-    common = [
-        "--config", os.path.join(ROOT, "recipes", "tiny", "gap", "config_demo.yaml"), "--max_steps", "2",
-        "--logging_steps", "1", "--synthetic_rows", "16", "--fit_pca_rows", "8", "--save_strategy", "no",
-        "--lr_scheduler_type", "constant", "--warmup_steps", "0",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        os.path.join(ROOT, "recipes", "accelerate_configs", "ddp.yaml"), "--num_processes", "2", "--main_process_port",
-        "29517", str(script), *common, "--output_dir", str(tmp_path / "ddp"), "--per_device_train_batch_size", "4",
-    ]
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ranks = [json.load(open(tmp_path / "ddp" / f"rank{r}.json")) for r in (0, 1)]
-    assert [r["world"] for r in ranks] == [2, 2]
-    losses = [[log["loss"] for log in r["logs"] if "loss" in log] for r in ranks]
-    assert len(losses[0]) == 2 and losses[0] == losses[1]
-    assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP kept the replicas identical
-
-    # One process with the same global batch (2 x 4 = 8) sees the same rows per step: same losses, same weights.
-    single = subprocess.run(
-        [sys.executable, str(script), *common, "--output_dir", str(tmp_path / "one"),
-         "--per_device_train_batch_size", "8"],
-        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
-    one = json.load(open(tmp_path / "one" / "rank0.json"))
-    one_losses = [log["loss"] for log in one["logs"] if "loss" in log]
-    assert all(abs(a - b) < 1e-4 for a, b in zip(losses[0], one_losses)), (losses[0], one_losses)
-    for name, value in one["weights"].items():
-        assert abs(value - ranks[0]["weights"][name]) <= 1e-4 * max(1.0, abs(value)), name
-
-
 # ---- 7. capacity ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("capacity_guided", [True, False])
 def test_capacity_guided_rows_train_without_latent_loss(tmp_path, capacity_guided):
@@ -405,42 +334,6 @@ def test_trainer_refuses_a_malformed_dataset_naming_the_row(tmp_path):
     model, processor = fitted_tiny_gap()
     with pytest.raises(GapDataError, match=r"^Row 3: 1 <\|latent\|> marker\(s\) but 0 aux image\(s\)"):
         GapSFTTrainer(model, args=gap_args(tmp_path), train_dataset=bad, processing_class=processor)
-
-
-# ---- the recipe ----------------------------------------------------------------------------------------------------
-def test_recipe_trains_saves_and_resumes_by_itself(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sft_recipe", os.path.join(ROOT, "recipes", "sft.py"))
-    sft = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sft)
-    output = tmp_path / "run"
-
-    def run(max_steps):
-        argv = [
-            "--config", os.path.join(ROOT, "recipes", "tiny", "gap", "config_demo.yaml"), "--output_dir", str(output),
-            "--max_steps", str(max_steps), "--save_steps", "2", "--synthetic_rows", "8", "--fit_pca_rows", "4",
-            "--logging_steps", "1", "--disable_tqdm", "true",
-        ]
-        parsed = sft.make_parser().parse_args_and_config(argv)
-        steps = []
-
-        class Count(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                steps.append(state.global_step)
-
-        trainer = sft.main(*parsed, callbacks=[Count()])
-        return trainer, steps
-
-    trainer, steps = run(2)
-    assert steps == [1, 2] and (output / "checkpoint-2").is_dir()
-    trainer, steps = run(3)
-    assert steps == [3]  # resumed from checkpoint-2 without being told
-    assert trainer.state.global_step == 3
-    model = AutoModelForImageTextToText.from_pretrained(str(output), trust_remote_code=True)
-    assert type(model).__name__ == "GapQwen2_5VLForConditionalGeneration"
-    assert model.config.latent_loss == "mse_whitened+cos"
-    assert (output / "processor_config.json").exists() and (output / "modeling_gap.py").exists()
 
 
 def test_accelerate_configs_load():

@@ -7,12 +7,10 @@ option of transformers is one more line in `GENERATE_OPTIONS`; a new GAP configu
 `GAP_CONFIGS`. With a span forced open, the options that apply keep GAP's own results (`SPAN_OPTIONS`).
 """
 
-import os
 
 import pytest
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     CompileConfig,
     DynamicCache,
     LogitsProcessor,
@@ -20,9 +18,9 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
-from conftest import COLORS, chat, solid_image
+from testing_utils import COLORS, chat, solid_image
 from modeling_gap import GapQwen2_5VLForConditionalGeneration
-from modeling_gap.tiny import CHAT_TEMPLATE, build_tiny_gap, build_tiny_qwen2_5_vl
+from trainers.tiny import build_tiny_gap, build_tiny_qwen2_5_vl
 
 ATOL = 1e-5
 SEED = 0

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import COLORS, chat, solid_image
+from testing_utils import COLORS, chat, solid_image
 from modeling_gap import GapQwen2_5VLConfig
 
 BAD_FIELDS = [

@@ -1,30 +1,40 @@
-"""TRL-based training of GAP models: `GapSFTConfig` / `GapSFTTrainer`, the `GapDataCollator` and dataset checks, and
-an offline synthetic task; `trainers.evaluation` holds the evaluation helpers.
+"""The GAP library: everything the `gap` command and the recipes run, one concept per module.
 
-The names below are imported lazily, so that `import trainers.evaluation` (or `trainers.data`) does not load TRL.
+- `schema`: the columns of a row, the features of a converted dataset, the text of its messages;
+- `collator`: `GapDataCollator` (rows -> model inputs, capacity selection) and `validate_gap_dataset`;
+- `gap_sft_config` / `gap_sft_trainer`: `GapSFTConfig` and `GapSFTTrainer` (TRL's SFT with GAP's latent loss);
+- `model_loader`: one loader for every stage (tiny | stock converted | GAP checkpoint), LoRA / quantization configs;
+- `dataset_loader`, `dataset_conversion` (Monet / Mirage / LVR), `pca_fit`, `capacity`, `sft`: the stages;
+- `evaluation` (column mappings, answer extraction, the shipped metric), `diagnostics` (probe, norms, latent lens);
+- `hub`: variants, checkpoint checks, cards from `templates/`, the one-commit push;
+- `synthetic` (the offline task), `tiny` (the tiny random model), `arguments` (each stage's dataclass), `cli` (`gap`).
+
+The names below are imported lazily, so that `import trainers.evaluation` (or `trainers.collator`) does not load TRL.
 """
 
 import importlib
 
 _EXPORTS = {
-    "data": [
+    "collator": [
         "ROW_INDEX_COLUMN",
         "GapDataCollator",
         "GapDataError",
         "GapDatasetValidationError",
-        "remove_latent_markers",
         "validate_gap_dataset",
     ],
-    "gap_sft_config": [
+    "schema": ["remove_latent_markers"],
+    "gap_sft_config": ["GapSFTConfig"],
+    "gap_sft_trainer": ["GapSFTTrainer"],
+    "model_loader": [
         "GAP_LORA_MODULES_TO_SAVE",
         "GAP_LORA_TARGET_MODULES",
         "GAP_QUANTIZATION_SKIP_MODULES",
-        "GapSFTConfig",
         "gap_lora_config",
         "gap_quantization_config",
+        "load_model",
     ],
-    "gap_sft_trainer": ["GapSFTTrainer"],
     "synthetic": ["make_synthetic_dataset", "make_synthetic_rows"],
+    "tiny": ["build_tiny_gap", "save_tiny_qwen2_5_vl"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -1,23 +1,40 @@
-"""Evaluating GAP models: benchmark column mappings, answer extraction and batched generation over a split.
+"""Evaluating GAP models: benchmark column mappings, answer extraction, batched generation over a split, and the
+`gap eval` stage.
 
-Used by `recipes/evaluate.py`, `recipes/probe.py` and the demo. Accuracy and its interval come from the `evaluate`
-metric module kept in this repository (`recipes/metrics/gap_accuracy`), which loads offline.
+Accuracy and its interval come from the `evaluate` metric module shipped inside this package
+(`trainers/metrics/gap_accuracy`, package data), which loads offline, from a wheel as from a checkout.
 """
 
 import os
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
-METRIC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "metrics", "gap_accuracy")
+from .dataset_loader import load_split
+from .model_loader import load_model
+from .outputs import write_json
+from .schema import user_question
+
+METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "gap_accuracy")
+
+
+def _gap_question(row: dict) -> str:
+    """GAP rows: a `question` column if the dataset has one, else the text of the first user turn."""
+    if row.get("question") is not None:
+        return row["question"]
+    if "messages" not in row:
+        raise KeyError(f"no 'question' column and no 'messages' to take the user turn from; columns are {sorted(row)}.")
+    return user_question(row["messages"])
 
 # How the columns of common benchmarks map to ours (`images`, `question`, `answer`, `choices`, `kind`). Each value
 # names a source column; `choices` may also be a list of columns (one per option); `kind` is a fixed kind or a
 # callable of the row. Our own schema (and the synthetic task) is "gap".
 COLUMN_MAPPINGS = {
-    "gap": dict(images="images", question="question", answer="answer", choices="choices", kind=None),
+    # GAP's schema (converted or synthetic rows): the question is the user turn's text unless a `question` column is
+    # there.
+    "gap": dict(images="images", question=_gap_question, answer="answer", choices="choices", kind=None),
     # MathVista (testmini): `decoded_image`, `query` (question with its hints/choices), `answer`, `choices` (None for
     # free form), `question_type` ("multi_choice" | "free_form"), `answer_type` ("text" | "integer" | "float").
     "mathvista": dict(
@@ -60,7 +77,11 @@ def standardize_row(row: dict, mapping: str | dict = "gap", index: int | None = 
     images = [images] if not isinstance(images, (list, tuple)) else list(images)
     if not images or any(image is None for image in images):
         raise ValueError(f"{where}: no image in column {spec['images']!r}.")
-    question, answer = str(column(spec["question"])), str(column(spec["answer"])).strip()
+    try:
+        question = spec["question"](row) if callable(spec["question"]) else column(spec["question"])
+    except KeyError as error:
+        raise KeyError(f"{where}: {error.args[0]}") from None
+    question, answer = str(question), str(column(spec["answer"])).strip()
     if not answer:
         raise ValueError(f"{where}: the answer in column {spec['answer']!r} is empty.")
     choices = None
@@ -159,28 +180,7 @@ def reference_answer(row: EvalRow) -> str:
     return extract_answer(row.answer, row.kind, row.choices)
 
 
-@dataclass
-class EvalArguments:
-    """Arguments of `recipes/evaluate.py` and `recipes/probe.py` (which runs every intervention itself)."""
-
-    model_name_or_path: str = field(default=None, metadata={"help": "GAP checkpoint (directory or Hub repo id)."})
-    dataset_name: str = field(default=None, metadata={"help": "A `save_to_disk` directory or a Hub dataset id."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
-    dataset_split: str = field(default="test", metadata={"help": "Split to evaluate."})
-    column_mapping: str = field(default="gap", metadata={"help": "gap | mathvista | vstar | hrbench | mme_realworld"})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N rows."})
-    batch_size: int = field(default=8, metadata={"help": "Rows per generate call."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Generated positions per row (latent slots count)."})
-    latent_feedback: str | None = field(default=None, metadata={"help": "Override: pca | ema_norm | raw."})
-    latent_intervention: str | None = field(
-        default=None, metadata={"help": "Probe: zero | noise | shuffle | mean | drop (default: none)."})
-    latent_intervention_seed: int = field(default=0, metadata={"help": "Seed of noise / shuffle."})
-    cache_implementation: str | None = field(default=None, metadata={"help": "'static' for the compiled path."})
-    output_dir: str = field(default="outputs/eval", metadata={"help": "Where predictions and results go."})
-    trust_remote_code: bool = field(default=True, metadata={"help": "Load the checkpoint's own code."})
-
-
-def load_eval_rows(args: EvalArguments) -> list[EvalRow]:
+def load_eval_rows(args) -> list[EvalRow]:
     """The split named by `args`, limited and mapped to `EvalRow`s."""
     if not args.model_name_or_path or not args.dataset_name:
         raise SystemExit("--model_name_or_path and --dataset_name are required.")
@@ -188,42 +188,6 @@ def load_eval_rows(args: EvalArguments) -> list[EvalRow]:
     if args.limit:
         split = split.select(range(min(args.limit, len(split))))
     return [standardize_row(row, args.column_mapping, index=i) for i, row in enumerate(split)]
-
-
-# ---- loading -----------------------------------------------------------------------------------------------------
-def load_model_and_processor(model_name_or_path: str, dtype="auto", device: str | None = None,
-                             trust_remote_code: bool = True):
-    """A GAP checkpoint (or a stock Qwen2.5-VL) and its processor, from a directory or a Hub repo id.
-
-    The processor falls back to `GapQwen2_5VLProcessor.from_stock_pretrained` where `AutoProcessor` cannot build the
-    stock one (no torchvision)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=dtype,
-                                                        trust_remote_code=trust_remote_code)
-    try:
-        processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    except (ImportError, ValueError, TypeError):
-        from modeling_gap import GapQwen2_5VLProcessor
-
-        processor = GapQwen2_5VLProcessor.from_stock_pretrained(model_name_or_path)
-    if device:
-        model.to(device)
-    return model.eval(), processor
-
-
-def load_split(dataset_name: str, split: str = "test", config: str | None = None):
-    """A split saved with `save_to_disk` (a `Dataset` or a `DatasetDict`), or one from the Hub."""
-    import datasets
-
-    if os.path.isdir(dataset_name):
-        loaded = datasets.load_from_disk(dataset_name)
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise KeyError(f"{dataset_name} has splits {list(loaded)}; no {split!r}.")
-            return loaded[split]
-        return loaded
-    return datasets.load_dataset(dataset_name, config, split=split)
 
 
 # ---- generation over a split ------------------------------------------------------------------------------------
@@ -235,10 +199,10 @@ def build_prompt(processor, row: EvalRow) -> str:
 
 @torch.no_grad()
 def generate_answers(model, processor, rows: list[EvalRow], batch_size: int = 8, progress: bool = True,
-                     **generate_kwargs) -> list[dict]:
+                     description: str = "generating", **generate_kwargs) -> list[dict]:
     """Greedy (by default) generation for each row; returns one record per row with the generated text (special
     tokens dropped), the number of latent spans, the extracted and the gold answer, and whether they match."""
-    from tqdm.auto import tqdm
+    from transformers.utils.logging import tqdm
 
     processor.tokenizer.padding_side = "left"
     generate_kwargs.setdefault("do_sample", False)
@@ -246,7 +210,7 @@ def generate_answers(model, processor, rows: list[EvalRow], batch_size: int = 8,
     device = next(model.parameters()).device
     records = []
     batches = range(0, len(rows), batch_size)
-    for begin in tqdm(batches, desc="generating", disable=not progress):
+    for begin in tqdm(batches, desc=description, disable=not progress):
         chunk = rows[begin : begin + batch_size]
         inputs = processor(
             images=[image.convert("RGB") for row in chunk for image in row.images],
@@ -292,9 +256,41 @@ def evaluate_rows(model, processor, rows: list[EvalRow], batch_size: int = 8, ma
     return results, records
 
 
+def load_eval_model(args):
+    """The model and processor of an evaluation stage (a stock Qwen2.5-VL is evaluated as it is, a baseline)."""
+    if not args.model_name_or_path:
+        raise ValueError("--model_name_or_path is required.")
+    model, processor = load_model(args.model_name_or_path, stock="keep", trust_remote_code=args.trust_remote_code,
+                                  allow_pickle_weights=args.allow_pickle_weights)
+    return model.eval(), processor
+
+
+def run_evaluation(args) -> dict:
+    """`gap eval` (`args`: a `trainers.arguments.EvalArguments`): writes `predictions.jsonl` (one record per row:
+    generated text, extracted and gold answer, correct, latent spans) and `results.json` (accuracy with a 95 % Wilson
+    interval, strict JSON) to `args.output_dir`; returns the results."""
+    import json
+
+    model, processor = load_eval_model(args)
+    rows = load_eval_rows(args)
+    results, records = evaluate_rows(
+        model, processor, rows, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        latent_feedback=args.latent_feedback, latent_intervention=args.latent_intervention,
+        latent_intervention_seed=args.latent_intervention_seed, cache_implementation=args.cache_implementation,
+    )
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "predictions.jsonl"), "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    summary = dict(results, arguments=asdict(args))
+    write_json(os.path.join(args.output_dir, "results.json"), summary)
+    print(f"accuracy {results['accuracy']:.3f} (95% CI {results['ci_low']:.3f}-{results['ci_high']:.3f}, "
+          f"{results['correct']}/{results['total']}); written to {args.output_dir}")
+    return summary
+
+
 __all__ = [
     "COLUMN_MAPPINGS",
-    "EvalArguments",
     "EvalRow",
     "METRIC_PATH",
     "build_prompt",
@@ -304,9 +300,9 @@ __all__ = [
     "infer_kind",
     "generate_answers",
     "load_eval_rows",
-    "load_model_and_processor",
-    "load_split",
+    "load_eval_model",
     "normalize_text",
     "reference_answer",
+    "run_evaluation",
     "standardize_row",
 ]

@@ -8,16 +8,6 @@ from modeling_gap.configuration_gap import LATENT_LOSSES
 
 LATENT_FEEDBACK_TRAINING = ("teacher", "self")
 
-# LoRA on the language model only: the vision tower also has gate/up/down projections, which a plain list would hit.
-GAP_LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-# The latent head is new: it trains in full (and is saved whole with the adapter).
-GAP_LORA_MODULES_TO_SAVE = ["latent_head"]
-# Modules kept in full precision when the base is quantized (QLoRA): the vision tower (which makes the latent
-# targets), the latent head and the LM head. transformers matches these from the start of a module's full name
-# ("model.visual.blocks.0...") or as its suffix.
-GAP_QUANTIZATION_SKIP_MODULES = ["model.visual", "visual", "latent_head", "lm_head"]
-
-
 @dataclass
 class GapSFTConfig(SFTConfig):
     r"""
@@ -117,56 +107,7 @@ class GapSFTConfig(SFTConfig):
             raise ValueError("GapSFTTrainer supports neither packing nor padding-free batches (images, latent spans).")
 
 
-def gap_lora_config(
-    r: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.0,
-    target_modules=None,
-    modules_to_save=None,
-    **kwargs,
-):
-    """A `peft.LoraConfig` for GAP: LoRA on the language model's projections (`GAP_LORA_TARGET_MODULES`), the latent
-    head trained in full and saved with the adapter (`modules_to_save` always includes `"latent_head"`)."""
-    from peft import LoraConfig
-
-    save = list(GAP_LORA_MODULES_TO_SAVE)
-    for name in modules_to_save or []:
-        if name not in save:
-            save.append(name)
-    return LoraConfig(
-        r=r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=target_modules or GAP_LORA_TARGET_MODULES,
-        modules_to_save=save,
-        **kwargs,
-    )
-
-
-def gap_quantization_config(load_in_4bit: bool = True, load_in_8bit: bool = False, quant_type: str = "nf4",
-                            compute_dtype=None, double_quant: bool = False):
-    """A `BitsAndBytesConfig` that quantizes the language model only: the vision tower, the latent head and the LM
-    head stay in full precision (`GAP_QUANTIZATION_SKIP_MODULES`)."""
-    from transformers import BitsAndBytesConfig
-
-    if load_in_4bit == load_in_8bit:
-        raise ValueError("Choose exactly one of load_in_4bit and load_in_8bit.")
-    return BitsAndBytesConfig(
-        load_in_4bit=load_in_4bit,
-        load_in_8bit=load_in_8bit,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_use_double_quant=double_quant,
-        llm_int8_skip_modules=list(GAP_QUANTIZATION_SKIP_MODULES),
-    )
-
-
 __all__ = [
-    "GAP_LORA_MODULES_TO_SAVE",
-    "GAP_LORA_TARGET_MODULES",
-    "GAP_QUANTIZATION_SKIP_MODULES",
     "GapSFTConfig",
     "LATENT_FEEDBACK_TRAINING",
-    "gap_lora_config",
-    "gap_quantization_config",
 ]

@@ -34,7 +34,7 @@ from trl.kernels import ChunkedLogProbFunction
 from trl.kernels.chunked_logprob import _use_triton
 from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, maybe_gather_lm_head_ctx
 
-from .data import ROW_INDEX_COLUMN, GapDataCollator, validate_gap_dataset
+from .collator import ROW_INDEX_COLUMN, GapDataCollator, validate_gap_dataset
 from .gap_sft_config import GapSFTConfig
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class GapSFTTrainer(SFTTrainer):
     """Supervised fine-tuning of a GAP model (`GapQwen2_5VLForConditionalGeneration`) with TRL.
 
     Takes the same arguments as [`~trl.SFTTrainer`]; `args` is a [`GapSFTConfig`] (a plain `SFTConfig` or
-    `TrainingArguments` is converted with GAP's defaults). Datasets are in GAP's schema (see `trainers.data`); the
+    `TrainingArguments` is converted with GAP's defaults). Datasets are in GAP's schema (see `trainers.schema`); the
     default collator is [`GapDataCollator`], and every row is checked up front when `args.validate_dataset`.
     `processing_class` must be a GAP processor (loaded from the model's path when omitted). LoRA / QLoRA: pass
     `peft_config=gap_lora_config(...)` (and a model loaded with `gap_quantization_config()`).

@@ -1,4 +1,4 @@
-"""recipes/convert_dataset.py: Monet, Mirage and LVR rows become GAP rows that load, pass the processor and the model.
+"""`trainers.dataset_conversion` (`gap convert`): Monet, Mirage and LVR rows become GAP rows that load, pass the processor and the model.
 
 Each format has a hand-written fixture with good rows and at least one bad row of every kind that format can skip.
 """
@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from recipes.convert_dataset import (
+from trainers.cli import run_stage
+from trainers.dataset_conversion import (
     LATENT_MARKER,
     REPORT_NAME,
     SKIP_REASONS,
@@ -20,10 +21,10 @@ from recipes.convert_dataset import (
     convert_mirage,
     convert_monet,
     extract_answer,
-    gap_features,
-    main,
+    load_rows,
     records_to_dataset,
 )
+from trainers.schema import gap_features
 
 
 def gradient(width, height, seed=0):
@@ -171,7 +172,7 @@ def write_input(tmp_path, format):
 def convert_cli(tmp_path, format, *extra):
     path, root, fixture = write_input(tmp_path, format)
     output = tmp_path / f"{format}-gap"
-    report = main(["--format", format, "--input", str(path), "--image-root", str(root), "--output", str(output),
+    report = run_stage("convert", ["--format", format, "--input", str(path), "--image-root", str(root), "--output", str(output),
                    *extra])
     return output, report, fixture
 
@@ -308,8 +309,6 @@ def test_strict_raises_naming_the_first_bad_row(tmp_path, format):
     path, root, fixture = write_input(tmp_path / "api", format)
     rows = [row for row, _ in fixture]
     if format == "mirage":
-        from recipes.convert_dataset import load_rows
-
         rows = load_rows(str(path))
     with pytest.raises(ConversionError) as error:
         CONVERTERS[format](rows, root, strict=True)

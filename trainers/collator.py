@@ -1,9 +1,5 @@
-"""Dataset rows in GAP's schema -> model inputs: the collator, capacity selection and up-front validation.
-
-The schema (GAP_SPEC.md section 7): `images` (list of images), `messages` (`[{"role", "content"}]`, content a string
-or a list of `{"type": "image"}` / `{"type": "text", "text": ...}` parts) with `<|latent|>` markers in the assistant
-text, `aux_images` (one per marker, in order), `answer`, and optionally `use_latent` (bool) and `base_pass_rate`
-(float in [0, 1]).
+"""Dataset rows in GAP's schema (`trainers.schema`) -> model inputs: the collator, capacity selection and up-front
+validation.
 
 What `GapDataCollator` does with one row:
 
@@ -41,8 +37,9 @@ from PIL import Image
 
 from modeling_gap.configuration_gap import LATENT_MARKER
 
+from .schema import ROLES, remove_latent_markers
+
 ROW_INDEX_COLUMN = "gap_row_index"
-ROLES = ("system", "user", "assistant")
 
 
 class GapDataError(ValueError):
@@ -65,31 +62,6 @@ class GapDatasetValidationError(GapDataError):
             listed = "; ".join(str(e) for e in errors[1:6])
             more = f" [{total} bad rows in all; next: {listed}{' ...' if total > 6 else ''}]"
         super().__init__(first.index, first.problem + more)
-
-
-def remove_latent_markers(text: str, marker: str = LATENT_MARKER) -> str:
-    """Remove the latent-span markers from `text`, joining the text around each.
-
-    A marker (or a run of markers) together with the whitespace on both sides of it becomes one separator: the
-    whitespace before it if that holds a line break, else the whitespace after it if that holds one, else a single
-    space. At the start or the end of `text` it leaves nothing. So `"Look closer. <|latent|> It reads EXIT."` becomes
-    `"Look closer. It reads EXIT."`, `"Look.<|latent|>It reads"` becomes `"Look. It reads"`, and
-    `"Look.\\n<|latent|>\\nIt reads"` becomes `"Look.\\nIt reads"`.
-    """
-    escaped = re.escape(marker)
-    pattern = re.compile(r"(\s*)" + escaped + r"(?:\s*" + escaped + r")*(\s*)")
-
-    def join(match):
-        if match.start() == 0 or match.end() == len(text):
-            return ""
-        before, after = match.group(1), match.group(2)
-        if "\n" in before:
-            return before
-        if "\n" in after:
-            return after
-        return " "
-
-    return pattern.sub(join, text)
 
 
 def _type_name(value) -> str:

@@ -1,4 +1,4 @@
-"""`recipes/push_to_hub.py` and the variants in `hub_configs/`, against a local Hub (`tests/hub_server.py`).
+"""`trainers.hub` (`gap push`) and the variants in `hub_configs/`, against a local Hub (`tests/hub_server.py`).
 
 Only the network service is stood in for: pushing and loading back run the real huggingface_hub, datasets,
 transformers and peft code, in fresh processes with a fresh `HF_HOME` and `HF_ENDPOINT` pointing at the server.
@@ -8,7 +8,6 @@ import glob
 import json
 import logging
 import os
-import subprocess
 import sys
 
 import datasets
@@ -16,53 +15,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import COLORS, ROOT, solid_image
-from hub_server import HubServer
-from test_evaluation import load_recipe
-
-TOKEN = "hf_gapLocalTestToken7f3a9c1e5b"
-RECIPE = os.path.join(ROOT, "recipes", "push_to_hub.py")
-VARIANT = os.path.join(ROOT, "hub_configs", "gap-qwen2.5-vl-tiny-pca.yaml")
-OUTPUTS = []  # stdout + stderr of every process run here, scanned for the token at the end
-
-push_to_hub = load_recipe("push_to_hub")
-
-
-@pytest.fixture(scope="module")
-def hub():
-    with HubServer(token=TOKEN) as server:
-        yield server
-
-
-def hub_env(hub, hf_home):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HOME=str(hf_home), HF_HUB_DISABLE_XET="1",
-               TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def run(hub, hf_home, args, cwd=ROOT, token_in_env=True):
-    env = hub_env(hub, hf_home)
-    if not token_in_env:
-        env.pop("HF_TOKEN")
-    result = subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
-    OUTPUTS.append(result.stdout + result.stderr)
-    return result
-
-
-def push(hub, tmp_path, *args):
-    return run(hub, tmp_path / "hf_home_push", [RECIPE, *args])
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from modeling_gap.tiny import build_tiny_gap
-
-    model, processor = build_tiny_gap(seed=0)
-    path = tmp_path_factory.mktemp("tiny_ckpt")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+from testing_utils import COLORS, HUB_TOKEN as TOKEN, OUTPUTS, ROOT, TINY_VARIANT as VARIANT, push, run_python as run
+from testing_utils import solid_image
+from trainers import hub as push_to_hub
+from trainers.arguments import PushArguments
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +199,7 @@ def test_local_problems_stop_the_push_before_any_request(hub, tiny_checkpoint, t
     def main(**kwargs):
         before = len(hub.requests)
         with pytest.raises(push_to_hub.PushError) as err:
-            push_to_hub.main(push_to_hub.PushArguments(repo_id="acme/never", token=TOKEN, **kwargs))
+            push_to_hub.push(PushArguments(repo_id="acme/never", token=TOKEN, **kwargs))
         assert len(hub.requests) == before and ("model", "acme/never") not in hub.repos
         assert TOKEN not in str(err.value)
         return str(err.value)
@@ -312,7 +268,7 @@ def test_lora_adapter_and_its_base_round_trip_through_peft(hub, tiny_checkpoint,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from conftest import chat
+    from testing_utils import chat
 
     base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, trust_remote_code=True)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)",
@@ -402,9 +358,8 @@ def test_a_bad_variant_file_names_the_field(tmp_path, change, field):
 # ---- the token, everywhere (runs last: scans what the tests above sent, stored and printed) --------------------------
 def test_the_token_is_in_no_upload_request_body_stored_file_or_output(hub, pushed_tiny, tiny_checkpoint, tmp_path):
     # One more push with the token on the command line instead of the environment.
-    result = run(hub, tmp_path / "hf_home_push", [RECIPE, "--variant", VARIANT, "--checkpoint", str(tiny_checkpoint),
-                                                  "--repo-id", "acme/token-on-argv", "--token", TOKEN, "--public"],
-                 token_in_env=False)
+    result = push(hub, tmp_path, "--variant", VARIANT, "--checkpoint", str(tiny_checkpoint),
+                  "--repo-id", "acme/token-on-argv", "--token", TOKEN, "--public", token_in_env=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not hub.repo("acme/token-on-argv").private and "(public, " in result.stdout
     secret = TOKEN.encode()

@@ -1,7 +1,8 @@
 """A tiny, random, fully offline Qwen2.5-VL and its GAP conversion: for tests, the demo and benchmarks.
 
 The tokenizer is byte-level (256 symbols, no merges: lossless on any text) plus Qwen's special tokens and the
-Qwen2.5-VL chat template; the vision tower is two blocks wide 32. Nothing is downloaded.
+Qwen2.5-VL chat template; the vision tower is two blocks wide 32. Nothing is downloaded. `gap make-tiny` writes
+either as a checkpoint: the offline stand-in for `Qwen/Qwen2.5-VL-7B-Instruct` (`--stock`) or for a GAP checkpoint.
 """
 
 import torch
@@ -12,8 +13,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from .modeling_gap import from_qwen2_5_vl
-from .processing_gap import GapQwen2_5VLProcessor
+from modeling_gap import GapQwen2_5VLProcessor, from_qwen2_5_vl
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
@@ -140,10 +140,29 @@ def build_tiny_gap(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, **
     return from_qwen2_5_vl(model, processor, **gap_options)
 
 
+def make_tiny(args) -> str:
+    """`gap make-tiny`: write the tiny GAP checkpoint (or, with `args.stock`, the stock tiny Qwen2.5-VL) to
+    `args.output_dir` (a `trainers.arguments.MakeTinyArguments`)."""
+    if args.stock:
+        save_tiny_qwen2_5_vl(args.output_dir, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers)
+        print(f"wrote a tiny stock Qwen2.5-VL checkpoint to {args.output_dir}")
+        return args.output_dir
+    model, processor = build_tiny_gap(
+        seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers,
+        num_latent_tokens=args.num_latent_tokens, latent_feedback=args.latent_feedback,
+    )
+    model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    print(f"wrote a tiny GAP checkpoint ({args.latent_feedback} feedback, K={args.num_latent_tokens}) to "
+          f"{args.output_dir}")
+    return args.output_dir
+
+
 __all__ = [
     "CHAT_TEMPLATE",
     "build_tiny_gap",
     "build_tiny_qwen2_5_vl",
+    "make_tiny",
     "save_tiny_qwen2_5_vl",
     "tiny_image_processor",
     "tiny_qwen2_5_vl_config",

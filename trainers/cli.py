@@ -1,0 +1,106 @@
+"""The `gap` command: one subcommand per stage, each taking the same YAML (`--config FILE.yaml`) and flags as its
+recipe in `recipes/`, parsed by TRL's `TrlParser` into the stage's dataclasses and run by the same library function.
+
+    gap make-tiny --output_dir outputs/tiny-gap
+    gap sft --config recipes/tiny/sft/config_pca.yaml
+    gap eval --model_name_or_path outputs/tiny-gap-sft --dataset_name outputs/tiny-data --dataset_split test
+    accelerate launch --config_file recipes/accelerate_configs/ddp.yaml -m trainers.cli sft --config ...
+
+`gap <stage> --help` lists every field of the stage.
+"""
+
+import importlib
+import os
+import sys
+
+# stage -> (module, function, argument dataclasses as "module:Class"); None: the stage parses its own arguments.
+STAGES = {
+    "convert": ("trainers.dataset_conversion", "convert_dataset", ["trainers.arguments:ConvertDatasetArguments"]),
+    "fit-pca": ("trainers.pca_fit", "fit_pca", ["trainers.arguments:FitPCAArguments"]),
+    "assign-capacity": ("trainers.capacity", "assign_capacity", ["trainers.arguments:CapacityArguments"]),
+    "sft": ("trainers.sft", "train", ["trainers.arguments:GapScriptArguments", "trainers.gap_sft_config:GapSFTConfig",
+                                      "trl:ModelConfig"]),
+    "eval": ("trainers.evaluation", "run_evaluation", ["trainers.arguments:EvalArguments"]),
+    "probe": ("trainers.diagnostics", "run_probe", ["trainers.arguments:EvalArguments"]),
+    "diagnose-norms": ("trainers.diagnostics", "run_norm_diagnosis", ["trainers.arguments:EvalArguments"]),
+    "latent-lens": ("trainers.diagnostics", "run_latent_lens", ["trainers.arguments:EvalArguments"]),
+    "push": ("trainers.hub", "publish", ["trainers.arguments:PushArguments"]),
+    "make-tiny": ("trainers.tiny", "make_tiny", ["trainers.arguments:MakeTinyArguments"]),
+    "demo": ("trainers.demo", "main", None),
+}
+SUMMARIES = {
+    "convert": "Monet / Mirage / LVR data -> GAP's dataset schema",
+    "fit-pca": "fit the PCA-aligned latent head on calibration images (converts a stock checkpoint)",
+    "assign-capacity": "the base model's pass rate per row -> use_latent (capacity-level alignment)",
+    "sft": "train with GapSFTTrainer (full, LoRA, QLoRA; accelerate for several processes)",
+    "eval": "accuracy by generation over a split, with a 95% interval",
+    "probe": "accuracy under each latent intervention (zero, noise, shuffle, mean, drop)",
+    "diagnose-norms": "hidden-state norms per layer vs input embeddings, and what each feedback mode feeds back",
+    "latent-lens": "where each latent looks: similarity to the image's visual tokens",
+    "push": "publish a hub_configs/ variant (weights, code, card) in one commit",
+    "make-tiny": "write a tiny random GAP (or stock Qwen2.5-VL) checkpoint, offline",
+    "demo": "the offline end-to-end demo (make demo)",
+}
+
+
+def _load(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    lines = ["usage: gap <stage> [--config FILE.yaml] [--field value ...]", "", "stages:"]
+    lines += [f"  {name:<{width}}  {SUMMARIES[name]}" for name in STAGES]
+    lines += ["", "`gap <stage> --help` lists the stage's fields."]
+    return "\n".join(lines)
+
+
+def parse_stage(stage: str, argv: list[str]):
+    """The stage's dataclasses parsed from `argv` (YAML `--config` first, flags over it)."""
+    from trl import TrlParser
+
+    classes = [_load(spec) for spec in STAGES[stage][2]]
+    parser = TrlParser(classes, prog=f"gap {stage}", description=SUMMARIES[stage])
+    return parser.parse_args_and_config(argv)
+
+
+def run_stage(stage: str, argv: list[str] | None = None):
+    """Parse `argv` for `stage` and run it; returns what the stage returns."""
+    if stage not in STAGES:
+        raise SystemExit(f"gap: unknown stage {stage!r}.\n\n{usage()}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    module, function, classes = STAGES[stage]
+    run = getattr(importlib.import_module(module), function)
+    if classes is None:
+        return run(argv)
+    parsed = parse_stage(stage, argv)
+    try:
+        return run(*parsed)
+    finally:
+        if stage == "sft":
+            import torch.distributed
+
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()  # a process group left open aborts the process at exit
+
+
+def main(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return None
+    try:
+        run_stage(argv[0], argv[1:])
+    except (ValueError, KeyError, OSError) as error:
+        # Input problems the stage has named: one clear line, not a traceback (from the first process only, when
+        # accelerate launched several).
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        if os.environ.get("RANK", "0") == "0":
+            print(f"gap {argv[0]}: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return None
+
+
+if __name__ == "__main__":
+    main()
