@@ -44,6 +44,13 @@ def refuse_unsupported(vllm_config) -> None:
             "latents a span feeds (and vLLM runs no custom logits processor with it). Serve without "
             "--speculative-config."
         )
+    if vllm_config.cache_config.enable_prefix_caching:
+        raise ValueError(
+            "GAP checkpoints must be served without prefix caching: vLLM keys cached KV blocks by token ids, but "
+            "the KV of a latent span depends on the vectors fed at its slots (the request's latent_feedback and "
+            "latent_intervention), so a request recomputed after preemption could reuse another request's span. "
+            "Pass --no-enable-prefix-caching (Python: LLM(..., enable_prefix_caching=False))."
+        )
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise ValueError(
             "GAP checkpoints cannot be served with pipeline parallelism yet: a latent slot is fed from the final "

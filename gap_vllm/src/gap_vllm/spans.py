@@ -20,11 +20,11 @@ from collections import OrderedDict
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from .config import FEEDBACK_MODES, INTERVENTIONS, GapSpec
+from .config import FEEDBACK_MODES, INTERVENTIONS, SPAN_RULES, GapSpec
 
 logger = logging.getLogger("gap_vllm")
 
-OPTION_KEYS = ("latent_intervention", "max_latent_spans", "latent_feedback")
+OPTION_KEYS = ("latent_intervention", "max_latent_spans", "latent_feedback", "latent_span_rule", "latent_max_tokens")
 _PROCESSORS: dict[str, "GapLatentSpanProcessor"] = {}
 _PARKED_LIMIT = 4096  # requests out of the batch (preempted, unscheduled or finished) whose latents are kept
 
@@ -48,7 +48,17 @@ def parse_options(extra_args: dict | None) -> dict:
     feedback = extra.get("latent_feedback")
     if feedback is not None and feedback not in FEEDBACK_MODES:
         raise ValueError(f"latent_feedback must be one of {FEEDBACK_MODES}; got {feedback!r}.")
-    return dict(intervention=intervention, max_spans=max_spans, feedback=feedback)
+    rule = extra.get("latent_span_rule")
+    if rule is not None and rule not in SPAN_RULES:
+        raise ValueError(f"latent_span_rule must be one of {SPAN_RULES}; got {rule!r}.")
+    max_tokens = extra.get("latent_max_tokens")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"latent_max_tokens must be an integer >= 1; got {max_tokens!r}.")
+    unknown = sorted(k for k in extra if k.startswith("latent_") and k not in OPTION_KEYS)
+    if unknown:
+        raise ValueError(f"Unknown GAP option(s) {unknown}; known: {OPTION_KEYS}.")
+    return dict(intervention=intervention, max_spans=max_spans, feedback=feedback, span_rule=rule,
+                max_tokens=max_tokens)
 
 
 class RequestState:
@@ -56,7 +66,7 @@ class RequestState:
     computed when the state at j - 1 is, and kept so that a preempted request replays the same vectors."""
 
     __slots__ = ("params", "prompt_len", "output", "seen", "slots_left", "end_due", "spans", "options",
-                 "greedy", "temperature", "invalid", "latents")
+                 "greedy", "temperature", "invalid", "latents", "span_rule", "max_latents")
 
     def __init__(self, spec: GapSpec, params, prompt_ids, output_ids):
         self.params = params
@@ -71,8 +81,15 @@ class RequestState:
         # A prompt may end in `<|latent_start|>` (it then opens a span); latent slots inside a prompt cannot be fed
         # (no vector is given for them), so such a request is ended at once.
         self.invalid = spec.pad_id in prompt
+        # The checkpoint's span rule, unless the request names one (`latent_span_rule`, `latent_max_tokens`).
+        self.span_rule = self.options["span_rule"] or spec.span_rule
+        if self.span_rule == "sampled_end":
+            self.max_latents = self.options["max_tokens"] or (
+                spec.max_latents if spec.span_rule == "sampled_end" else spec.num_latent_tokens)
+        else:
+            self.max_latents = spec.num_latent_tokens
         self.spans = sum(t == spec.start_id for t in prompt)
-        self.slots_left = spec.max_latents if prompt and prompt[-1] == spec.start_id else 0
+        self.slots_left = self.max_latents if prompt and prompt[-1] == spec.start_id else 0
         self.end_due = False
 
     def feedback(self, spec: GapSpec) -> str:
@@ -92,7 +109,7 @@ class RequestState:
             elif self.end_due:
                 self.end_due = False
             elif token == spec.start_id:
-                self.slots_left, self.spans = spec.max_latents, self.spans + 1
+                self.slots_left, self.spans = self.max_latents, self.spans + 1
 
     def can_open(self) -> bool:
         if self.options["intervention"] == "drop":
@@ -113,6 +130,7 @@ class GapLatentSpanProcessor(LogitsProcessor):
         self.rows: list[RequestState | None] = []
         self.parked: OrderedDict[int, RequestState] = OrderedDict()
         self.eos_ids = _eos_ids(vllm_config)
+        self.resumed = 0  # requests that re-entered the batch with latents already fed (after a preemption)
         if self.spec is not None:
             _PROCESSORS[getattr(vllm_config, "instance_id", "")] = self
 
@@ -139,6 +157,7 @@ class GapLatentSpanProcessor(LogitsProcessor):
             for index, params, prompt_ids, output_ids in batch_update.added:
                 state = self.parked.pop(id(params), None)
                 if state is not None and state.params is params:  # back in the batch (e.g. resumed)
+                    self.resumed += bool(state.latents)
                     state.output = output_ids
                     state.seen = min(state.seen, len(output_ids))
                 else:
@@ -182,7 +201,7 @@ class GapLatentSpanProcessor(LogitsProcessor):
                 if self.eos_ids:
                     forced_rows.append(row), forced_tokens.append(self.eos_ids[0])
             elif state.slots_left > 0:
-                if spec.span_rule == "sampled_end":
+                if state.span_rule == "sampled_end":
                     choose_end.append(row)
                 else:
                     forced_rows.append(row), forced_tokens.append(spec.pad_id)
