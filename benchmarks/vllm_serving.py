@@ -1,0 +1,216 @@
+"""Serving benchmark: stock vLLM vs the GAP vLLM plugin vs GAP `generate` (not a timed test).
+
+    .venv/bin/python benchmarks/vllm_serving.py [--new-tokens 128] [--out outputs/vllm_serving.json]
+
+Runs with the main environment (`make install`): it builds tiny (text width 128, 2 layers) and mid-size (width 512,
+8 layers) random checkpoints, times GAP `generate` there, and runs the vLLM measurements with `.venv-vllm`
+(`make install-vllm`) in a subprocess (`--vllm-worker`). Every run decodes `--new-tokens` tokens per row
+(ignore_eos), greedy, with a span of K = 8 latents opened every 32 positions (a logits processor forces
+`<|latent_start|>`; the span rule then forces the K slots and the end token). Rows measured:
+
+- `stock vLLM`: vLLM's native Qwen2 decoder on the same text weights (vLLM's own Qwen2.5-VL module needs
+  torchvision, which does not load here), the same forced token every 32 positions, no latents;
+- `GAP plugin, no spans`: the plugin with `latent_intervention="drop"` (vLLM's Transformers backend, no latent);
+- `GAP plugin`: the plugin with spans and pca feedback;
+- `GAP generate`: `model.generate` (eager DynamicCache) on the same checkpoint and schedule.
+
+On a GPU: `make install-vllm VLLM=vllm==<version> TORCH=torch==<its torch>` then the same command with
+`--device cuda` (GAP generate then uses the static cache).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {"tiny": dict(hidden_size=128, num_layers=2), "mid": dict(hidden_size=512, num_layers=8)}
+BATCHES = (8, 32)
+SPAN_EVERY = 32
+K = 8
+QUESTIONS = ["Describe the picture.", "What is two plus two?", "Name a colour.", "Count to five, please.",
+             "Where is the sign?", "Tell me a story about a cat.", "Why?", "Read the sign aloud."]
+
+
+# ---- main environment: checkpoints and GAP generate ------------------------------------------------------------
+def build_checkpoints(root: Path) -> dict:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    sys.path.insert(0, str(REPO / "gap_vllm" / "tests"))
+    from make_fixtures import build_tiny_gap, chat
+
+    paths = {}
+    for name, size in SIZES.items():
+        model, processor = build_tiny_gap(seed=0, num_latent_tokens=K, latent_feedback="pca", **size)
+        gap_dir, stock_dir = root / f"{name}-gap", root / f"{name}-stock-text"
+        model.save_pretrained(gap_dir)
+        processor.save_pretrained(gap_dir)
+        text = model.config.text_config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version", "rope_parameters"):
+            text.pop(key, None)
+        config = Qwen2Config(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                             tie_word_embeddings=False)
+        with torch.device("meta"):
+            stock = Qwen2ForCausalLM(config)
+        state = {k.replace("model.language_model.", "model."): v for k, v in model.state_dict().items()
+                 if k.startswith("model.language_model.") or k.startswith("lm_head.")}
+        stock.load_state_dict(state, assign=True, strict=True)
+        stock.save_pretrained(stock_dir)
+        processor.tokenizer.save_pretrained(stock_dir)
+        prompts = [chat(processor, q) for q in QUESTIONS]
+        paths[name] = dict(gap=str(gap_dir), stock=str(stock_dir), prompts=prompts,
+                           start_id=model.config.latent_start_token_id)
+    return paths
+
+
+def time_gap_generate(paths: dict, new_tokens: int, device: str) -> list:
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from modeling_gap import GapQwen2_5VLForConditionalGeneration, GapQwen2_5VLProcessor
+
+    class SpanEvery(LogitsProcessor):
+        def __init__(self, prompt_length, start_id):
+            self.prompt_length, self.start_id = prompt_length, start_id
+
+        def __call__(self, input_ids, scores):
+            generated = input_ids.shape[1] - self.prompt_length
+            if generated and generated % SPAN_EVERY == 0:
+                scores[:] = -float("inf")
+                scores[:, self.start_id] = 0
+            return scores
+
+    rows = []
+    for name, info in paths.items():
+        model = GapQwen2_5VLForConditionalGeneration.from_pretrained(info["gap"]).to(device).eval()
+        processor = GapQwen2_5VLProcessor.from_pretrained(info["gap"])
+        processor.tokenizer.padding_side = "left"
+        for batch in BATCHES:
+            prompts = [info["prompts"][i % len(info["prompts"])] for i in range(batch)]
+            inputs = processor(text=prompts, return_tensors="pt", padding=True).to(device)
+            options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           logits_processor=LogitsProcessorList([SpanEvery(inputs["input_ids"].shape[1],
+                                                                           info["start_id"])]))
+            if device != "cpu":
+                options["cache_implementation"] = "static"
+            with torch.no_grad():
+                model.generate(**inputs, **{**options, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+                start = time.perf_counter()
+                out = model.generate(**inputs, **options)
+                seconds = time.perf_counter() - start
+            tokens = (out.shape[1] - inputs["input_ids"].shape[1]) * batch
+            rows.append(dict(size=name, batch=batch, system="GAP generate", tokens=tokens, seconds=seconds))
+            print(rows[-1], flush=True)
+    return rows
+
+
+# ---- vLLM environment ------------------------------------------------------------------------------------------
+def vllm_worker(paths: dict, new_tokens: int) -> list:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+
+    class SpanEvery(LogitsProcessor):
+        """Force the span-start token every SPAN_EVERY generated positions (both stock and GAP runs)."""
+
+        start_id = None
+
+        def __init__(self, vllm_config, device, is_pin_memory):
+            self.outputs = {}
+
+        def is_argmax_invariant(self):
+            return False
+
+        def update_state(self, batch_update: BatchUpdate | None):
+            if batch_update is None:
+                return
+            for index in batch_update.removed:
+                self.outputs.pop(index, None)
+            for index, _, _, output in batch_update.added:
+                self.outputs[index] = output
+            for a, b, direction in batch_update.moved:
+                if direction.name == "SWAP":
+                    self.outputs[a], self.outputs[b] = self.outputs.get(b), self.outputs.get(a)
+                else:
+                    self.outputs[b] = self.outputs.pop(a, None)
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            rows = [i for i, out in self.outputs.items()
+                    if out is not None and out and len(out) % SPAN_EVERY == 0 and i < logits.shape[0]]
+            if rows:
+                logits[rows] = -float("inf")
+                logits[rows, self.start_id] = 0
+            return logits
+
+    import vllm
+
+    rows = []
+    for name, info in paths.items():
+        SpanEvery.start_id = info["start_id"]
+        for system, model, extra in (("stock vLLM", info["stock"], None),
+                                     ("GAP plugin, no spans", info["gap"], {"latent_intervention": "drop"}),
+                                     ("GAP plugin", info["gap"], None)):
+            llm = LLM(model=model, dtype="float32", max_model_len=1024, max_num_seqs=max(BATCHES), seed=0,
+                      enforce_eager=True, enable_prefix_caching=False, block_size=32,
+                      kv_cache_memory_bytes=256 << 20, logits_processors=[SpanEvery])
+            for batch in BATCHES:
+                prompts = [info["prompts"][i % len(info["prompts"])] for i in range(batch)]
+                params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True,
+                                        extra_args=extra)
+                llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                     extra_args=extra), use_tqdm=False)  # warm-up
+                start = time.perf_counter()
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                seconds = time.perf_counter() - start
+                tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                spans = sum(o.outputs[0].token_ids.count(info["start_id"]) for o in outs)
+                rows.append(dict(size=name, batch=batch, system=system, tokens=tokens, seconds=seconds,
+                                 spans=spans, vllm=vllm.__version__))
+                print(rows[-1], flush=True)
+            del llm
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=str(REPO / "outputs" / "vllm_serving.json"))
+    parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
+    parser.add_argument("--vllm-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.vllm_worker:
+        paths = json.loads(Path(args.vllm_worker).read_text())
+        rows = vllm_worker(paths, args.new_tokens)
+        Path(args.vllm_worker + ".out").write_text(json.dumps(rows))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = build_checkpoints(Path(tmp))
+        spec = Path(tmp) / "paths.json"
+        spec.write_text(json.dumps(paths))
+        subprocess.run([args.vllm_python, __file__, "--vllm-worker", str(spec), "--new-tokens",
+                        str(args.new_tokens)], check=True, env={**os.environ, "PYTHONPATH": ""})
+        rows = json.loads(Path(str(spec) + ".out").read_text())
+        rows += time_gap_generate(paths, args.new_tokens, args.device)
+    for row in rows:
+        row["tokens_per_s"] = row["tokens"] / row["seconds"]
+    result = dict(rows=rows, machine=dict(platform=platform.platform(), processor=platform.processor(),
+                                          cpus=os.cpu_count(), threads=os.environ.get("OMP_NUM_THREADS")),
+                  new_tokens=args.new_tokens, span_every=SPAN_EVERY, k=K)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print("| size | batch | system | tokens/s |")
+    print("|---|---|---|---|")
+    for row in sorted(rows, key=lambda r: (r["size"], r["batch"], r["system"])):
+        print(f"| {row['size']} | {row['batch']} | {row['system']} | {row['tokens_per_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""GAP served by vLLM (in-process engine, CPU, fp32, greedy) against GAP `generate`, token for token."""
+
+import pytest
+from PIL import Image
+
+from conftest import run, span_processor
+
+
+def test_registered_without_prefix_caching(llm, fixtures):
+    config = llm.llm_engine.vllm_config
+    assert config.model_config.architecture == "GapQwen2_5VLForConditionalGeneration"
+    assert not config.cache_config.enable_prefix_caching
+
+
+def test_single_request(llm, fixtures):
+    got, _ = run(llm, fixtures["prompts"][:1], fixtures["max_new_tokens"])
+    assert got[0] == fixtures["cases"]["batch_pca"][0]
+    assert fixtures["ids"]["start"] in got[0]
+
+
+@pytest.mark.parametrize("feedback", ["pca", "raw", "ema_norm"])
+def test_batch_spans_at_different_steps(llm, fixtures, feedback):
+    refs = fixtures["cases"][f"batch_{feedback}"]
+    start = fixtures["ids"]["start"]
+    steps = [r.index(start) if start in r else None for r in refs]
+    assert len(refs) >= 5 and None in steps and len({s for s in steps if s is not None}) >= 2
+    extra = {} if feedback == "pca" else {"latent_feedback": feedback}  # pca: the checkpoint's own feedback
+    got, _ = run(llm, fixtures["prompts"], fixtures["max_new_tokens"], **extra)
+    assert got == refs
+
+
+@pytest.mark.parametrize("feedback", ["pca", "raw", "ema_norm"])
+def test_prompt_ending_in_latent_start(llm, fixtures, feedback):
+    prompt = fixtures["prompts"][1] + "<|latent_start|>"
+    got, _ = run(llm, [prompt], fixtures["max_new_tokens"], latent_feedback=feedback)
+    ref = fixtures["cases"][f"ends_in_start_{feedback}"]
+    assert got[0] == ref and ref[:4] == [fixtures["ids"]["pad"]] * 4
+
+
+def test_zero_intervention_is_used(llm, fixtures):
+    got, _ = run(llm, fixtures["prompts"], fixtures["max_new_tokens"], latent_intervention="zero")
+    assert got == fixtures["cases"]["zero"]
+    assert got != fixtures["cases"]["batch_pca"]  # the fed latents change the tokens
+
+
+def test_drop_and_max_spans(llm, fixtures):
+    n = fixtures["max_new_tokens"]
+    dropped, _ = run(llm, fixtures["prompts"], n, latent_intervention="drop")
+    assert dropped == fixtures["cases"]["drop"]
+    assert all(fixtures["ids"]["start"] not in row for row in dropped)
+    one, _ = run(llm, fixtures["prompts"], n, max_latent_spans=1)
+    assert one == fixtures["cases"]["max_spans_1"]
+
+
+def test_sampled_end_rule(llm, fixtures):
+    got, _ = run(llm, fixtures["prompts"], fixtures["max_new_tokens"], latent_span_rule="sampled_end",
+                 latent_max_tokens=6)
+    ref = fixtures["cases"]["sampled_end"]
+    assert got == ref
+    pad, end = fixtures["ids"]["pad"], fixtures["ids"]["end"]
+    lengths = [len(span.split(",")) for row in ref for span in
+               ",".join("P" if t == pad else ("|" if t == end else "x") for t in row).replace(",", "").split("|")
+               if "P" in span]
+    assert lengths  # spans exist
+
+
+def test_image_request(llm, fixtures):
+    image = Image.open(fixtures["image"]).convert("RGB")
+    prompt = {"prompt": fixtures["image_prompt"], "multi_modal_data": {"image": image}}
+    got, _ = run(llm, [prompt], fixtures["max_new_tokens"])
+    assert got[0] == fixtures["cases"]["image"]
+    assert fixtures["ids"]["start"] in got[0]
+
+
+def test_prompt_with_latent_slots_is_ended(llm, fixtures):
+    """A prompt cannot carry latent vectors, so a prompt holding latent slots (a previous answer with its spans)
+    is ended at once instead of being fed plain slot-token embeddings."""
+    from vllm.inputs import TokensPrompt
+
+    n = fixtures["max_new_tokens"]
+    prompt = fixtures["prompts"][4]
+    follow_up = llm.get_tokenizer().encode(prompt) + fixtures["cases"]["batch_pca"][4]
+    ended, _ = run(llm, [TokensPrompt(prompt_token_ids=follow_up)], n)
+    assert len(ended[0]) <= 1
+    again, _ = run(llm, [prompt], n)  # the engine serves on
+    assert again[0] == fixtures["cases"]["batch_pca"][4]
+
+
+def test_preemption_replays_latents(llm, fixtures):
+    """24 requests need about twice the KV cache: vLLM preempts and recomputes some; their latent slots are fed
+    the recorded latents again, so every output still equals GAP generate's."""
+    processor = span_processor()
+    before = processor.resumed
+    prompts, refs, extras = [], [], []
+    from vllm import SamplingParams
+
+    for feedback in ("pca", "raw", "ema_norm"):
+        prompts += fixtures["prompts"]
+        refs += fixtures["cases"][f"batch_{feedback}"]
+        extras += [{"latent_feedback": feedback}] * len(fixtures["prompts"])
+    for feedback in ("pca", "raw", "ema_norm"):
+        prompts.append(fixtures["prompts"][1] + "<|latent_start|>")
+        refs.append(fixtures["cases"][f"ends_in_start_{feedback}"])
+        extras.append({"latent_feedback": feedback})
+    params = [SamplingParams(temperature=0, max_tokens=fixtures["max_new_tokens"], extra_args=e) for e in extras]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    got = [list(o.outputs[0].token_ids) for o in outputs]
+    assert processor.resumed > before, "the KV cache was large enough: no request was preempted"
+    assert got == refs
