@@ -1,19 +1,27 @@
 """`trainers.dataset_conversion` (`gap convert`): Monet, Mirage and LVR rows become GAP rows that load, pass the processor and the model.
 
 Each format has a hand-written fixture with good rows and at least one bad row of every kind that format can skip.
+Hostile input (issue 14) follows: paths leading out of the image root (`..`, absolute, symlinks; an audit hook shows
+no file outside the root is opened), per-row failures of any exception type, file-level problems (encoding, BOM,
+JSON vs JSONL, nothing converted), `--max-rows`, `--overwrite` over the input, and the image pixel limit.
 """
 
 import io
 import json
 import math
+import os
+import struct
+import sys
+import zlib
 
 import pytest
 import torch
 from PIL import Image
 
-from trainers.cli import run_stage
+from trainers.cli import main, run_stage
 from trainers.dataset_conversion import (
     LATENT_MARKER,
+    MAX_IMAGE_PIXELS,
     REPORT_NAME,
     SKIP_REASONS,
     ConversionError,
@@ -21,6 +29,7 @@ from trainers.dataset_conversion import (
     convert_mirage,
     convert_monet,
     extract_answer,
+    iter_convert,
     load_rows,
     records_to_dataset,
 )
@@ -378,3 +387,417 @@ def test_converted_dataset_passes_the_collator(tmp_path, tiny_gap):
         with torch.no_grad():
             out = model(**batch)
         assert out.latent_loss is not None and math.isfinite(out.latent_loss.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hostile input: the image root
+# ---------------------------------------------------------------------------------------------------------------------
+
+_AUDIT = {"installed": False, "on": False, "paths": []}
+
+
+def _record_open(event, args):
+    """An audit hook (it cannot be removed): records the path of every "open" event while `_AUDIT["on"]` is set."""
+    if event == "open" and _AUDIT["on"]:
+        try:
+            if args and isinstance(args[0], (str, bytes)):
+                _AUDIT["paths"].append(os.path.realpath(os.fsdecode(args[0])))
+        except Exception:  # an audit hook must never raise
+            pass
+
+
+@pytest.fixture
+def opened_files():
+    """The real paths of every file opened (builtins.open, os.open, io.open_code...) while the test runs."""
+    if not _AUDIT["installed"]:
+        sys.addaudithook(_record_open)
+        _AUDIT["installed"] = True
+    _AUDIT["paths"] = []
+    _AUDIT["on"] = True
+    try:
+        yield _AUDIT["paths"]
+    finally:
+        _AUDIT["on"] = False
+
+
+def row_with_image(format, reference, aux=False):
+    """A row of `format` that converts when `reference` (a question image; with `aux`, the helper image) reads."""
+    question, helper = ("q0.png", reference) if aux else (reference, "h0.png")
+    if format == "monet":
+        return monet_row(question, [{"type": "text", "text": "Look.<abs_vis_token></abs_vis_token>"},
+                                    {"type": "image", "image": helper}, {"type": "text", "text": "\\boxed{A}"}])
+    if format == "mirage":
+        return {"text_input": "<image> Q?", "image_input": [question], "text_output": "<output_image> A",
+                "image_output": helper}
+    assert not aux  # LVR's aux images are crops of the question image
+    return lvr_row((question,))
+
+
+def outside_setup(tmp_path):
+    """images/ (the root, with a symlink to a file and one to a folder outside it) and outside/secret.png, a valid
+    image that would convert if it were read: (root, outside folder, the references that lead outside)."""
+    root = write_images(tmp_path / "images")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    gradient(30, 30, 9).save(outside / "secret.png")
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "linkdir").symlink_to(outside, target_is_directory=True)
+    (root / "sub").mkdir()
+    (root / "inner.png").symlink_to(root / "q1.png")  # a symlink that stays inside: fine
+    escapes = ["../outside/secret.png", "sub/../../outside/secret.png", str(outside / "secret.png"),
+               "file://" + str(outside / "secret.png"), "link.png", "linkdir/secret.png", "/etc/passwd"]
+    return root, outside, escapes
+
+
+@pytest.mark.parametrize("format", ["monet", "mirage", "lvr"])
+def test_image_paths_outside_the_root_are_skipped_and_never_opened(tmp_path, format, opened_files):
+    root, outside, escapes = outside_setup(tmp_path)
+    inside = ["q0.png", str(root / "q1.png"), "sub/../q0.png", "inner.png", "./q0.png"]
+    rows = [row_with_image(format, ref) for ref in inside + escapes]
+    if format != "lvr":
+        rows += [row_with_image(format, ref, aux=True) for ref in escapes]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    opened_files.clear()  # record from here on
+    report = run_stage("convert", ["--format", format, "--input", str(path), "--image-root", str(root),
+                                   "--output", str(tmp_path / "out")])
+    assert report["rows_converted"] == len(inside)
+    assert report["skipped"]["outside_image_root"]["rows"] == list(range(len(inside), len(rows)))
+    assert set(report["skipped"]) == {"outside_image_root"}
+    # The audit: no file outside the root was opened (the hook saw the input, the outputs and the images).
+    assert str(root / "q0.png") in opened_files
+    assert not [p for p in opened_files if p.startswith(str(outside)) or p == "/etc/passwd"]
+
+    # The Python API opens nothing but images inside the root (Python's own files aside: lazy imports).
+    opened_files.clear()
+    prefixes = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.realpath(sys.prefix)})
+    records, skipped = CONVERTERS[format](rows, str(root))
+    assert len(records) == len(inside) and {s["reason"] for s in skipped} == {"outside_image_root"}
+    foreign = [p for p in opened_files if not p.startswith(str(root) + os.sep) and not p.startswith(prefixes)]
+    assert foreign == []
+    assert "--allow-outside-root" in skipped[0]["detail"]
+
+
+def test_allow_outside_root_reads_them(tmp_path, opened_files):
+    root, outside, escapes = outside_setup(tmp_path)
+    rows = [row_with_image("mirage", ref) for ref in escapes[:-1]]  # not /etc/passwd: not an image
+    opened_files.clear()
+    records, skipped = convert_mirage(rows, str(root), allow_outside_root=True)
+    assert skipped == [] and len(records) == len(rows)
+    secret = (outside / "secret.png").read_bytes()
+    assert all(record["images"][0]["bytes"] == secret for record in records)
+    assert str(outside / "secret.png") in opened_files  # the audit does see files outside, when they are opened
+    # The CLI flag.
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = run_stage("convert", ["--format", "mirage", "--input", str(path), "--image-root", str(root),
+                                   "--output", str(tmp_path / "out"), "--allow-outside-root"])
+    assert report["rows_converted"] == len(rows)
+
+
+def test_outside_root_under_strict_names_the_row(tmp_path):
+    root, _, escapes = outside_setup(tmp_path)
+    rows = [lvr_row(), lvr_row(("link.png",))]
+    with pytest.raises(ConversionError, match=r"^Row 1: outside_image_root: ") as error:
+        convert_lvr(rows, str(root), strict=True)
+    assert error.value.index == 1 and error.value.reason == "outside_image_root"
+
+
+def test_special_files_are_skipped_not_read(tmp_path):
+    root = write_images(tmp_path / "images")
+    os.mkfifo(root / "fifo.png")  # opening it would block forever
+    (root / "folder.png").mkdir()
+    rows = [lvr_row(("fifo.png",)), lvr_row(("folder.png",)), lvr_row()]
+    records, skipped = convert_lvr(rows, str(root))
+    assert [s["reason"] for s in skipped] == ["missing_image", "missing_image"] and len(records) == 1
+    assert "not a regular file" in skipped[0]["detail"]
+    if os.path.exists("/proc/self/mem"):  # a regular file by stat, but reading it fails (EIO)
+        rows = [lvr_row(("/proc/self/mem",)), lvr_row(("q0.png",))]
+        records, skipped = convert_lvr(rows, str(root), allow_outside_root=True)
+        assert [(s["row"], s["reason"]) for s in skipped] == [(0, "unreadable_image")] and len(records) == 1
+        assert "OSError" in skipped[0]["detail"]
+        with pytest.raises(ConversionError, match=r"^Row 0: unreadable_image: "):
+            convert_lvr(rows, str(root), allow_outside_root=True, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hostile input: per-row failures of any type
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_huge_box_numbers_are_bad_boxes(tmp_path):
+    root = write_images(tmp_path / "images")
+    rows = [lvr_row(boxes=((0.1, 0.1, 10**400, 0.5),)),  # OverflowError as a float
+            lvr_row(boxes=((0.1, 0.1, 10**5000, 0.5),)),  # too long even for repr()
+            lvr_row(boxes=((0.1, 0.1, float("inf"), 0.5),)), lvr_row(boxes=((float("nan"), 0.1, 0.5, 0.5),)),
+            lvr_row(boxes=((True, 0.1, 0.5, 0.5),)), lvr_row()]
+    records, skipped = convert_lvr(rows, str(root))
+    assert [s["reason"] for s in skipped] == ["bad_box"] * 5 and len(records) == 1
+    assert all(len(s["detail"]) < 400 for s in skipped)
+    with pytest.raises(ConversionError, match=r"^Row 0: bad_box: "):
+        convert_lvr(rows, str(root), strict=True)
+    # The same numbers written in JSON: a 401-digit integer, and one of 5,000 digits (past Python's int limit).
+    path = tmp_path / "train.json"
+    big, huge = "1" + "0" * 400, "1" * 5000
+    text = json.dumps([lvr_row(boxes=((0.1, 0.1, 0.7, 0.5),))] * 3 + [lvr_row()])
+    text = text.replace("0.7", big, 1).replace("0.7", huge, 1)
+    path.write_text(text)
+    output = tmp_path / "out"
+    report = run_stage("convert", ["--format", "lvr", "--input", str(path), "--image-root", str(root),
+                                   "--output", str(output)])
+    assert report["skipped"]["bad_box"]["rows"] == [0, 1] and report["rows_converted"] == 2
+    # A long integer where the converter does not look (Monet metadata) does not stop the row.
+    path = tmp_path / "monet.json"
+    text = json.dumps([monet_row(metadata={"sample_id": 0})])
+    path.write_text(text.replace('"sample_id": 0', f'"sample_id": {huge}'))
+    report = run_stage("convert", ["--format", "monet", "--input", str(path), "--image-root", str(root),
+                                   "--output", str(tmp_path / "monet-out")])
+    assert report["rows_converted"] == 1
+
+
+def test_lone_surrogate_is_a_skip_not_a_failed_write(tmp_path):
+    from datasets import load_from_disk
+
+    root = write_images(tmp_path / "images")
+    good = mirage_fixture()[0][0]
+    bad = dict(good, text_output="A \ud800 lone surrogate <output_image>")
+    bad_answer = dict(good, answer="\udfff")
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in [good, bad, good, bad_answer]) + "\n")  # JSON escapes it
+    assert "\\ud800" in path.read_text()
+    output = tmp_path / "out"
+    report = run_stage("convert", ["--format", "mirage", "--input", str(path), "--image-root", str(root),
+                                   "--output", str(output)])
+    assert report["skipped"]["unencodable_text"]["rows"] == [1, 3] and report["rows_converted"] == 2
+    assert load_from_disk(str(output))["source_index"] == [0, 2]
+    with pytest.raises(ConversionError, match=r"^Row 1: unencodable_text: "):
+        run_stage("convert", ["--format", "mirage", "--input", str(path), "--image-root", str(root),
+                              "--output", str(tmp_path / "strict"), "--strict"])
+    assert not (tmp_path / "strict").exists()
+
+
+def test_any_exception_in_a_row_is_a_named_skip(tmp_path, monkeypatch):
+    import trainers.dataset_conversion as conversion
+
+    root = write_images(tmp_path / "images")
+    real = conversion._lvr_row
+    errors = {1: ZeroDivisionError("boom"), 2: RecursionError("deep"), 3: MemoryError(), 4: KeyError("k")}
+
+    def flaky(row, reader):
+        if row.get("id") in errors:
+            raise errors[row["id"]]
+        return real(row, reader)
+
+    monkeypatch.setattr(conversion, "_lvr_row", flaky)
+    rows = [dict(lvr_row(), id=i) for i in range(6)]
+    rows.append({"image": ["q0.png"], "conversations": [{"from": ["gpt"], "value": "x"}], "bboxes": []})  # unhashable
+    records, skipped = convert_lvr(rows, str(root))
+    assert [r["source_index"] for r in records] == [0, 5]
+    assert [(s["row"], s["reason"]) for s in skipped] == [(1, "conversion_error"), (2, "conversion_error"),
+                                                         (3, "conversion_error"), (4, "conversion_error"),
+                                                         (6, "malformed_row")]
+    assert skipped[0]["detail"] == "ZeroDivisionError: boom" and skipped[2]["detail"].startswith("MemoryError")
+    with pytest.raises(ConversionError, match=r"^Row 1: conversion_error: ZeroDivisionError: boom") as error:
+        convert_lvr(rows, str(root), strict=True)
+    assert isinstance(error.value.__cause__, ZeroDivisionError)
+    # Through the CLI: counted in the report, and the description of every reason is there to print.
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(rows))
+    report = run_stage("convert", ["--format", "lvr", "--input", str(path), "--image-root", str(root),
+                                   "--output", str(tmp_path / "out")])
+    assert report["skipped"]["conversion_error"]["rows"] == [1, 2, 3, 4]
+    assert {"conversion_error", "unencodable_text", "outside_image_root", "image_too_large"} <= set(SKIP_REASONS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hostile input: the file
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def gap_convert(capsys, *args):
+    """`gap convert ARGS` through the CLI's `main`: (exit code, its one error line, or "")."""
+    try:
+        main(["convert", *map(str, args)])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gap convert: error: ")]
+    assert len(lines) <= 1, lines
+    return code, lines[0] if lines else ""
+
+
+def test_bom_is_stripped_and_json_lists_are_told_from_jsonl(tmp_path):
+    root = write_images(tmp_path / "images")
+    fixture = lvr_fixture()
+    expected = sum(reason is None for _, reason in fixture)
+    cases = {
+        "list_bom.json": "\ufeff" + json.dumps([row for row, _ in fixture], indent=1),
+        "list_bom_spaces.json": "\ufeff \n" + json.dumps([row for row, _ in fixture]),
+        "lines_bom.jsonl": "\ufeff" + "".join(json.dumps(row) + "\n" for row, _ in fixture),
+        "one_line.jsonl": json.dumps(fixture[0][0]) + "\n",  # one row on one line: JSONL
+    }
+    for name, text in cases.items():
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        report = run_stage("convert", ["--format", "lvr", "--input", str(path), "--image-root", str(root),
+                                       "--output", str(tmp_path / f"out-{name}")])
+        assert report["rows_converted"] == (1 if name == "one_line.jsonl" else expected), name
+        assert report["rows_in"] == (1 if name == "one_line.jsonl" else len(fixture)), name
+    assert load_rows(str(tmp_path / "list_bom.json")) == [row for row, _ in fixture]
+
+
+def test_file_level_problems_are_one_clear_error(tmp_path, capsys):
+    root = write_images(tmp_path / "images")
+    rows = [row for row, _ in lvr_fixture()]
+    cases = {
+        "latin1.json": (json.dumps(rows[:1]).replace("sign", "sign caf\u00e9").encode("latin-1"), "is not UTF-8"),
+        "utf16.json": (json.dumps(rows[:1]).encode("utf-16"), "UTF-16"),
+        "object.json": (json.dumps({"rows": rows[:2]}, indent=2).encode(), "one JSON object over"),
+        "bom_object.json": (b"\xef\xbb\xbf" + json.dumps({"data": rows[:2]}, indent=1).encode(), "one JSON object"),
+        "empty.json": (b"", "holds no rows"),
+        "blank.jsonl": (b"\n \n", "holds no rows"),
+        "empty_list.json": (b"\xef\xbb\xbf[]", "holds no rows"),
+        "broken_list.json": (b"[{\"image\": 1},", "starts like a JSON list but does not parse"),
+        "deep_list.json": (b"[" * 100_000, "does not parse"),
+    }
+    for name, (data, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        output = tmp_path / f"out-{name}"
+        code, err = gap_convert(capsys, "--format", "lvr", "--input", path, "--image-root", root, "--output", output)
+        assert code == 1, name
+        assert err.startswith("gap convert: error: ") and "\n" not in err, (name, err)
+        assert message in err and str(path) in err, (name, err)
+        assert not output.exists(), name
+        with pytest.raises(ValueError, match=message):
+            load_rows(str(path))
+    # Missing input file, image root that is not a folder.
+    code, err = gap_convert(capsys, "--format", "lvr", "--input", tmp_path / "nope.json", "--output", tmp_path / "o")
+    assert code == 1 and "is not a file" in err
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(rows[:1]))
+    code, err = gap_convert(capsys, "--format", "lvr", "--input", good, "--image-root", root / "q0.png",
+                            "--output", tmp_path / "o")
+    assert code == 1 and "--image-root" in err and "not a folder" in err
+
+
+def test_jsonl_lines_that_do_not_parse_are_row_skips(tmp_path):
+    root = write_images(tmp_path / "images")
+    good = json.dumps(mirage_fixture()[0][0])
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join([good, "[" * 100_000, "{\"a\": " + "1" * 5000 + "}", "{broken", good]) + "\n")
+    rows = load_rows(str(path))
+    assert len(rows) == 5
+    records, skipped = convert_mirage(rows, str(root))
+    assert [(s["row"], s["reason"]) for s in skipped] == [(1, "malformed_json"), (2, "malformed_row"),
+                                                         (3, "malformed_json")]
+    assert "RecursionError" in skipped[0]["detail"] and len(records) == 2
+
+
+def test_nothing_converted_is_an_error(tmp_path, capsys):
+    root = write_images(tmp_path / "images")
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([lvr_row(("missing.png",)), lvr_row(("../escape.png",)), {"no": "fields"}]))
+    output = tmp_path / "out"
+    code, err = gap_convert(capsys, "--format", "lvr", "--input", path, "--image-root", root, "--output", output)
+    assert code == 1 and err.startswith("gap convert: error: no row of ") and "\n" not in err
+    assert "all 3 skipped" in err and "missing_image 1" in err and "outside_image_root 1" in err
+    assert "--allow-outside-root" in err and "row 0: missing_image" in err
+    assert not output.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".convert-")]  # the scratch folder is gone
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "-5"])
+def test_max_rows_must_be_at_least_one(tmp_path, capsys, value):
+    path, root, fixture = write_input(tmp_path, "lvr")
+    output = tmp_path / "out"
+    code, err = gap_convert(capsys, "--format", "lvr", "--input", path, "--image-root", root, "--output", output,
+                            "--max-rows", value)
+    assert code == 1 and "--max-rows must be a whole number >= 1" in err and value in err
+    assert not output.exists()
+    with pytest.raises(ValueError, match="--max-rows"):
+        load_rows(str(path), int(value))
+    # N >= 1 keeps exactly the first N.
+    report = run_stage("convert", ["--format", "lvr", "--input", str(path), "--image-root", str(root),
+                                   "--output", str(output), "--max-rows", "2"])
+    assert report["rows_in"] == 2 and report["rows_converted"] == 2
+    assert len(load_rows(str(path), len(fixture) - 1)) == len(fixture) - 1
+
+
+def test_overwrite_refuses_to_delete_the_input_or_the_images(tmp_path, capsys):
+    path, root, _ = write_input(tmp_path, "lvr")  # tmp_path/train.json, tmp_path/images
+    (tmp_path / "link").symlink_to(tmp_path, target_is_directory=True)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for output, what in [(tmp_path, "the input file"), (root, "the image root"), (tmp_path / "link", "the input"),
+                         (tmp_path.parent, "holds the input file")]:
+        for extra in ([], ["--overwrite"]):
+            code, err = gap_convert(capsys, "--format", "lvr", "--input", path, "--image-root", root,
+                                    "--output", output, *extra)
+            assert code == 1 and what in err and "choose an output folder" in err, (output, err)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing deleted, nothing written
+    # The input's folder as the image root with the output elsewhere is fine, and --overwrite replaces it.
+    output = tmp_path.parent / f"{tmp_path.name}-out"
+    for _ in range(2):
+        report = run_stage("convert", ["--format", "lvr", "--input", str(path), "--image-root", str(root),
+                                       "--output", str(output), "--overwrite"])
+        assert report["rows_converted"] == 2
+    # With --allow-outside-root an output folder holding images the rows read is not replaced either.
+    inner = output / "pics"
+    inner.mkdir()
+    gradient(20, 20).save(inner / "a.png")
+    rows_path = tmp_path / "abs.json"
+    rows_path.write_text(json.dumps([lvr_row((str(inner / "a.png"),), gpt="<answer>A</answer>", boxes=())]))
+    code, err = gap_convert(capsys, "--format", "lvr", "--input", rows_path, "--image-root", root, "--output", output,
+                            "--overwrite", "--allow-outside-root")
+    assert code == 1 and "would delete them" in err and (inner / "a.png").exists()
+
+
+def png_header_only(width, height):
+    """A PNG whose header claims width x height pixels, with one tiny compressed row: a decompression bomb's shape."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def test_image_pixel_limit(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    root = write_images(tmp_path / "images")
+    (root / "bomb.png").write_bytes(png_header_only(9_000, 9_000))  # 81 Mpx claimed, a few bytes
+    (root / "huge.png").write_bytes(png_header_only(100_000, 100_000))  # 10 Gpx: past Pillow's own limit too
+    rows = [lvr_row(("bomb.png",), gpt="<answer>A</answer>", boxes=()), lvr_row(("q0.png",)),
+            lvr_row(("q1.png",)), lvr_row(("huge.png",), gpt="<answer>A</answer>", boxes=())]
+    records, skipped = convert_lvr(rows, str(root))
+    assert [(s["row"], s["reason"]) for s in skipped] == [(0, "image_too_large"), (3, "image_too_large")]
+    assert len(records) == 2
+    assert str(MAX_IMAGE_PIXELS) in skipped[0]["detail"] and "9000x9000" in skipped[0]["detail"]
+    assert "decompression bomb" in skipped[1]["detail"]
+    rows = rows[:3]
+    # A lower limit: q0 (80 x 60 = 4,800 px) passes, q1 (64 x 64 = 4,096) too at 4,800, not at 4,000.
+    records, skipped = convert_lvr(rows, str(root), max_image_pixels=4_000)
+    assert [s["reason"] for s in skipped] == ["image_too_large"] * 3
+    records, skipped = convert_lvr(rows, str(root), max_image_pixels=4_800)
+    assert [s["row"] for s in skipped] == [0]
+    # No limit of ours: Pillow's DecompressionBombError is caught and named the same.
+    records, skipped = convert_lvr(rows, str(root), max_image_pixels=None)  # bomb.png is then decoded: truncated
+    assert [(s["row"], s["reason"]) for s in skipped] == [(0, "unreadable_image")] and len(records) == 2
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1_000)  # Pillow refuses > 2,000 px
+    records, skipped = convert_lvr(rows[1:], str(root), max_image_pixels=None)
+    assert [s["reason"] for s in skipped] == ["image_too_large"] * 2
+    with pytest.raises(ConversionError, match=r"^Row 0: image_too_large: "):
+        convert_lvr(rows, str(root), strict=True)
+    with pytest.raises(ValueError, match="--max-image-pixels"):
+        convert_lvr(rows, str(root), max_image_pixels=0)
+
+
+def test_pixel_limit_flag(tmp_path, capsys):
+    path, root, fixture = write_input(tmp_path, "lvr")
+    report = run_stage("convert", ["--format", "lvr", "--input", str(path), "--image-root", str(root),
+                                   "--output", str(tmp_path / "out"), "--max-image-pixels", "4500"])
+    assert report["skipped"]["image_too_large"]["rows"][0] == 0  # q0: 80 x 60 = 4,800 px; q1 (64 x 64) converts
+    assert report["rows_converted"] == 1
+    code, err = gap_convert(capsys, "--format", "lvr", "--input", path, "--image-root", root,
+                            "--output", tmp_path / "out2", "--max-image-pixels", "0")
+    assert code == 1 and "--max-image-pixels must be a whole number >= 1" in err

@@ -22,15 +22,35 @@ class ConvertDatasetArguments:
     input: str = field(metadata={"help": "Monet: JSON list; Mirage: JSONL; LVR: JSON list or JSONL"})
     output: str = field(metadata={"help": "directory to save the dataset to (datasets.save_to_disk)"})
     image_root: str | None = field(
-        default=None, metadata={"help": "folder that relative image paths start from (default: the input's folder)"}
+        default=None,
+        metadata={"help": "folder the image paths are read from; every image must resolve (after .. and symlinks) "
+                          "inside it, else its row is skipped (default: the input's folder)"},
+    )
+    allow_outside_root: bool = field(
+        default=False,
+        metadata={"help": "read image paths that lead outside --image-root too (absolute paths as they are)"},
+    )
+    max_image_pixels: int | None = field(
+        default=64_000_000,
+        metadata={"help": "skip rows with an image of more pixels than this (width x height), before decoding it"},
     )
     strict: bool = field(default=False, metadata={"help": "stop at the first row that cannot be converted"})
     require_answer: bool = field(
         default=False, metadata={"help": "skip rows without an answer (default: keep them, answer '')"}
     )
     keep_observation_tags: bool = field(default=False, metadata={"help": "Monet: keep <observation> tags in the text"})
-    max_rows: int | None = field(default=None, metadata={"help": "convert only the first N rows"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
+    max_rows: int | None = field(default=None, metadata={"help": "convert only the first N rows (N >= 1)"})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace an existing output directory (refused when it holds the input or the image root)"},
+    )
+
+    def __post_init__(self):
+        for name in ("max_rows", "max_image_pixels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be a whole number >= 1 (or left out), not {value!r}")
 
 
 @dataclass

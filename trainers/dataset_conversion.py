@@ -7,9 +7,22 @@
     gap convert --format lvr --input lvr/train.json --image-root lvr/images --output data/lvr-gap
 
 Add `--strict` to stop at the first row that cannot be converted (the error names the row and the reason),
-`--require-answer` to skip rows whose answer cannot be found, `--max-rows N` for a quick try, `--overwrite` to
-replace an existing output. `--image-root` defaults to the input file's folder; absolute image paths are used as
-they are. (`--image_root` and the other underscore spellings work too.)
+`--require-answer` to skip rows whose answer cannot be found, `--max-rows N` (N >= 1) for a quick try, `--overwrite`
+to replace an existing output (refused when the output folder is, or holds, the input file or the image root).
+(`--image_root` and the other underscore spellings work too.)
+
+Image paths are read relative to `--image-root` (default: the input file's folder), and every one must resolve
+inside it, after `..` and symlinks (`os.path.realpath`): a path that leads outside, relative, absolute or through a
+symlink, skips its row as `outside_image_root`, and nothing outside the root is opened. `--allow-outside-root`
+reads such paths anyway (absolute image paths as they are), for data whose images lie elsewhere. Only regular files
+are read, and an image of more than `--max-image-pixels` pixels (default 64 Mpx) skips its row as
+`image_too_large` before it is decoded (Pillow's own decompression-bomb limit, about 179 Mpx, applies too).
+
+The input is UTF-8 (a BOM is stripped); a file whose text starts with `[` is a JSON list, anything else JSONL (one
+row per line). A file that is not UTF-8, one JSON object over several lines, a JSON list that does not parse or an
+input with no rows is an error naming the file, before anything is written; so is a run in which no row converts
+(the reasons are printed, and the output is not written). An integer too long for Python (more than 4,300 digits)
+reads as a float (`inf`), so the row fails its own checks instead of the file.
 
 What each source becomes (one row per source row; `datasets.load_from_disk(OUTPUT)` reads it back):
 
@@ -32,9 +45,11 @@ Text derived from the visual evidence stays text: Monet's `<observation>...</obs
 removed (`--keep-observation-tags` keeps them), right after the marker, as the parser description. The assistant
 text is otherwise kept as the source has it (LVR's `<answer>` tags, Monet's `\\boxed{}`).
 
-Rows that cannot be converted are skipped with one reason each (see `SKIP_REASONS`); the counts, the row indices and
-the first details per reason are printed and written to `OUTPUT/conversion_report.json` (next to the dataset
-files; `load_from_disk` ignores it).
+Rows that cannot be converted are skipped with one reason each (see `SKIP_REASONS`), whatever went wrong: an
+unexpected exception of any type while converting a row is the skip `conversion_error`, with the exception in the
+detail; with `--strict` the first skip raises `ConversionError` naming the row and the reason. The counts, the row
+indices and the first details per reason are printed and written to `OUTPUT/conversion_report.json` (next to the
+dataset files; `load_from_disk` ignores it).
 """
 
 import io
@@ -44,6 +59,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -55,19 +71,27 @@ from .schema import LATENT_MARKER, gap_features
 
 REPORT_NAME = "conversion_report.json"
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor refuses images more elongated than this
+MAX_IMAGE_PIXELS = 64_000_000  # default of --max-image-pixels: larger images are skipped before decoding
+MAX_DETAIL = 300  # characters of a value quoted in a skip detail
+MAX_DETAIL_LINE = 1000  # characters of a skip detail
 
 SKIP_REASONS = {
     "malformed_json": "the JSONL line does not parse as JSON",
     "malformed_row": "the row lacks a field the format needs, or a field has the wrong type or an unknown role",
     "no_assistant_turn": "the row has no assistant (gpt) turn",
-    "missing_image": "an image file does not exist",
-    "unreadable_image": "an image file cannot be decoded",
+    "missing_image": "an image file does not exist or is not a regular file",
+    "outside_image_root": "an image path resolves (after .. and symlinks) outside --image-root "
+    "(--allow-outside-root reads it anyway)",
+    "unreadable_image": "an image file cannot be read or decoded",
+    "image_too_large": "an image has more pixels than --max-image-pixels (or than Pillow's decompression-bomb limit)",
     "bad_image_shape": f"an image (or box crop) is empty or more elongated than {MAX_ASPECT_RATIO}:1",
     "image_placeholder_mismatch": "the number of <image> placeholders differs from the number of question images",
     "marker_aux_mismatch": "the number of latent-span markers differs from the number of helper images / boxes",
     "bad_box": "an LVR box is not 4 numbers with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1",
     "reserved_marker": f"the source text already contains GAP's marker {LATENT_MARKER}",
     "no_answer": "no answer found (only with --require-answer)",
+    "unencodable_text": "a text holds a code point UTF-8 cannot encode (a lone surrogate such as \\ud800)",
+    "conversion_error": "converting the row raised an unexpected error (the detail names it)",
 }
 
 # Monet: a span is `<abs_vis_token></abs_vis_token>` (pads inside tolerated) followed by a helper-image item.
@@ -91,7 +115,7 @@ class ConversionError(ValueError):
 class _Skip(Exception):
     def __init__(self, reason: str, detail: str):
         assert reason in SKIP_REASONS, reason
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail = reason, _clip(detail, MAX_DETAIL_LINE)
         super().__init__(f"{reason}: {detail}")
 
 
@@ -108,58 +132,187 @@ class _Malformed:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _describe(value: Any, limit: int = MAX_DETAIL) -> str:
+    """`repr(value)` for a skip detail, cut to `limit` characters; never raises (an int too long for `repr`, a
+    recursive structure...)."""
+    try:
+        text = repr(value)
+    except Exception as error:  # e.g. ValueError: an int of more than sys.get_int_max_str_digits() digits
+        text = f"<{type(value).__name__} that cannot be shown: {type(error).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _clip(text: str, limit: int = MAX_DETAIL) -> str:
+    """`text` cut to `limit` characters, with what UTF-8 cannot encode (a lone surrogate) backslash-escaped, so that
+    it prints and writes anywhere."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _parse_int(digits: str) -> int | float:
+    """JSON integers as `int`, but one too long for Python's int parsing (more than 4,300 digits) as a float (`inf`):
+    the row then fails its own checks (e.g. `bad_box`) instead of the whole file failing to parse."""
+    try:
+        return int(digits)
+    except ValueError:
+        return float(digits)
+
+
+def _json(text: str) -> Any:
+    return json.loads(text, parse_int=_parse_int)
+
+
+def _decode(path: str, data: bytes) -> str:
+    """The input file's text: UTF-8, a UTF-8 BOM stripped; anything else is a `ValueError` saying what to do."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); convert it to UTF-8 first, "
+                         f"e.g. `iconv -f UTF-16 -t UTF-8 {path} > converted.json`")
+    try:
+        return data.decode("utf-8-sig")  # strips a UTF-8 BOM
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {error.start}, line {line}: {data[error.start:error.start + 4]!r}); "
+            f"re-encode it as UTF-8 first, e.g. `iconv -f LATIN1 -t UTF-8 {path} > converted.json`"
+        ) from None
+
+
 def load_rows(path: str, max_rows: int | None = None) -> list:
-    """Rows of a JSON list or a JSONL file. A JSONL line that does not parse becomes a `_Malformed` placeholder
-    (converted to a `malformed_json` skip); a JSON list that does not parse is an error, as its rows cannot be told
-    apart."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    if text.lstrip().startswith("["):
+    """Rows of a JSON list or a JSONL file (UTF-8, a BOM stripped). Text that starts with `[` is a JSON list; anything
+    else is JSONL, one row per non-empty line. A JSONL line that does not parse becomes a `_Malformed` placeholder
+    (converted to a `malformed_json` skip); a JSON list that does not parse, one JSON object over several lines, text
+    that is not UTF-8 or a file with no rows is a `ValueError` naming the file, as its rows cannot be told apart."""
+    if max_rows is not None:
+        _check_max_rows(max_rows)
+    with open(path, "rb") as handle:
+        text = _decode(path, handle.read())
+    stripped = text.lstrip()
+    if stripped.startswith("["):
         try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} starts like a JSON list but does not parse: {error}") from error
+            rows = _json(text)
+        except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+            raise ValueError(
+                f"{path} starts like a JSON list but does not parse ({type(error).__name__}: {error}); fix the file, "
+                "or write one row per line (JSONL)"
+            ) from None
+        if not isinstance(rows, list):  # e.g. `[1] x` cannot happen (json would refuse); kept as a guard
+            raise ValueError(f"{path} is not a JSON list of rows")
     else:
+        lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        if len(lines) > 1 and stripped.startswith("{"):
+            _refuse_single_object(path, text, lines)
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
+        for number, line in lines:
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                rows.append(_Malformed(number, str(error)))
+                rows.append(_json(line))
+            except (ValueError, RecursionError) as error:
+                rows.append(_Malformed(number, f"{type(error).__name__}: {_clip(str(error))}"))
+    if not rows:
+        raise ValueError(f"{path} holds no rows (an empty file or an empty JSON list)")
     return rows[:max_rows] if max_rows is not None else rows
 
 
-class _ImageReader:
-    """Reads images under a root, checks that they decode, caches them within one row."""
+def _refuse_single_object(path: str, text: str, lines: list) -> None:
+    """JSONL whose first line is not a whole object, but whose whole text is one JSON object: say so, rather than
+    reading every line as a malformed row."""
+    try:
+        _json(lines[0][1])
+        return  # the first line is a row on its own: JSONL
+    except (ValueError, RecursionError):
+        pass
+    try:
+        whole = _json(text)
+    except (ValueError, RecursionError):
+        return  # not one object either: JSONL with malformed lines, reported per line
+    if isinstance(whole, dict):
+        keys = ", ".join(map(_describe, list(whole)[:8]))
+        raise ValueError(
+            f"{path} is one JSON object over {len(lines)} lines (keys: {keys}), not a JSON list of rows or JSONL; "
+            "give the rows as a JSON list `[row, ...]` or one JSON object per line"
+        )
 
-    def __init__(self, image_root: str | None):
-        self.root = image_root or ""
+
+def _check_max_rows(max_rows: Any) -> None:
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"--max-rows must be a whole number >= 1 (or left out for all rows), not {max_rows!r}")
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether the real path `path` is `root` or lies under it (both `os.path.realpath`ed)."""
+    return os.path.commonpath([root, path]) == root
+
+
+class _ImageReader:
+    """Reads images under a root, checks that they decode, caches them within one row.
+
+    Every path must resolve (`os.path.realpath`: `..` and symlinks followed) inside the root, unless
+    `allow_outside_root`; only regular files are opened; an image of more than `max_image_pixels` pixels is refused
+    from its header, before it is decoded. `opened`, a set, collects the real path of every file read."""
+
+    def __init__(self, image_root: str | None, *, allow_outside_root: bool = False,
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS, opened: set | None = None):
+        self.root = os.path.realpath(image_root if image_root else os.getcwd())
+        self.allow_outside_root = allow_outside_root
+        self.max_image_pixels = max_image_pixels
+        self.opened = opened
         self.cache: dict[str, tuple[bytes, PILImage.Image]] = {}
 
     def resolve(self, reference: Any) -> str:
+        """The real path of an image reference, inside the root (else the skip `outside_image_root`)."""
         if not isinstance(reference, str) or not reference:
-            raise _Skip("malformed_row", f"image reference {reference!r} is not a path")
+            raise _Skip("malformed_row", f"image reference {_describe(reference)} is not a path")
+        if "\0" in reference:
+            raise _Skip("malformed_row", f"image reference {_describe(reference)} holds a NUL character")
+        try:
+            os.fsencode(reference)
+        except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+            raise _Skip("malformed_row", f"image reference {_describe(reference)} is no valid file name") from None
         if reference.startswith("file://"):
             reference = reference[len("file://") :]
-        return reference if os.path.isabs(reference) else os.path.join(self.root, reference)
+        real = os.path.realpath(os.path.join(self.root, reference))  # an absolute reference replaces the root
+        if not self.allow_outside_root and not _inside(real, self.root):
+            how = "the absolute path" if os.path.isabs(reference) else "the path"
+            raise _Skip("outside_image_root", f"{how} {_describe(reference)} resolves to {_describe(real)}, outside "
+                                              f"the image root {self.root} (--allow-outside-root reads it)")
+        return real
 
     def read(self, reference: Any) -> tuple[bytes, PILImage.Image]:
         path = self.resolve(reference)
         if path not in self.cache:
-            if not os.path.isfile(path):
-                raise _Skip("missing_image", f"no file {path}")
-            with open(path, "rb") as handle:
-                data = handle.read()
+            if not os.path.isfile(path):  # follows no symlink (realpath did); a FIFO, device or folder is no file
+                what = "no file" if not os.path.lexists(path) else "not a regular file:"
+                raise _Skip("missing_image", f"{what} {path}")
+            if self.opened is not None:
+                self.opened.add(path)
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            except OSError as error:  # e.g. /proc/self/mem (EIO), permission denied
+                raise _Skip("unreadable_image", f"{path}: {type(error).__name__}: {error}") from None
+            self.cache[path] = (data, self._decode(data, path))
+        return self.cache[path]
+
+    def _decode(self, data: bytes, path: str) -> PILImage.Image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)  # our own limit decides below it
             try:
                 image = PILImage.open(io.BytesIO(data))
-                image.load()
+            except PILImage.DecompressionBombError as error:
+                raise _Skip("image_too_large", f"{path}: {error}") from None
             except Exception as error:  # PIL raises many kinds
                 raise _Skip("unreadable_image", f"{path}: {type(error).__name__}: {error}") from None
-            _check_shape(image.size, path)
-            self.cache[path] = (data, image)
-        return self.cache[path]
+            width, height = image.size
+            if self.max_image_pixels is not None and width * height > self.max_image_pixels:
+                raise _Skip("image_too_large", f"{path} is {width}x{height} = {width * height} pixels, more than "
+                                               f"--max-image-pixels {self.max_image_pixels}")
+            try:
+                image.load()
+            except PILImage.DecompressionBombError as error:
+                raise _Skip("image_too_large", f"{path}: {error}") from None
+            except Exception as error:
+                raise _Skip("unreadable_image", f"{path}: {type(error).__name__}: {error}") from None
+        _check_shape(image.size, path)
+        return image
 
     def encoded(self, reference: Any) -> dict:
         data, _ = self.read(reference)
@@ -293,7 +446,7 @@ def _monet_row(row: Any, reader: _ImageReader, keep_observation_tags: bool = Fal
                     if text.strip():
                         parts.append(_text_part(text))
                 else:
-                    raise _Skip("malformed_row", f"turn {turn_index} ({role}) has an item of type {kind!r}")
+                    raise _Skip("malformed_row", f"turn {turn_index} ({role}) has an item of type {_describe(kind)}")
             messages.append({"role": role, "content": parts})
             continue
         text = ""
@@ -313,7 +466,7 @@ def _monet_row(row: Any, reader: _ImageReader, keep_observation_tags: bool = Fal
                 previous = content[item_index - 1] if item_index else None
                 if (
                     isinstance(previous, dict) and previous.get("type") == "text"
-                    and not MONET_SPAN.search(str(previous.get("text")))
+                    and not (isinstance(previous.get("text"), str) and MONET_SPAN.search(previous["text"]))
                 ):
                     raise _Skip(
                         "marker_aux_mismatch",
@@ -322,7 +475,7 @@ def _monet_row(row: Any, reader: _ImageReader, keep_observation_tags: bool = Fal
                     )
                 aux_images.append(reader.encoded(_monet_image(item, turn_index)))
             else:
-                raise _Skip("malformed_row", f"turn {turn_index} (assistant) has an item of type {kind!r}")
+                raise _Skip("malformed_row", f"turn {turn_index} (assistant) has an item of type {_describe(kind)}")
         text = text.strip()
         messages.append({"role": "assistant", "content": [_text_part(text)]})
         assistant_texts.append(text)
@@ -375,7 +528,7 @@ def _lvr_row(row: Any, reader: _ImageReader) -> dict:
     references = _as_list(row.get("image"), "image")
     turns = []
     for turn_index, turn in enumerate(row["conversations"]):
-        if not isinstance(turn, dict) or turn.get("from") not in LVR_ROLES:
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or turn["from"] not in LVR_ROLES:
             raise _Skip("malformed_row", f"conversation turn {turn_index} has no known 'from'")
         turns.append((LVR_ROLES[turn["from"]], _text(turn.get("value"), f"conversation turn {turn_index} value")))
     if not any(role == "assistant" for role, _ in turns):
@@ -390,15 +543,7 @@ def _lvr_row(row: Any, reader: _ImageReader) -> dict:
     spans = sum(value.count(LVR_SPAN) for role, value in turns if role == "assistant")
     if spans != len(boxes):
         raise _Skip("marker_aux_mismatch", f"the gpt turns have {spans} {LVR_SPAN} for {len(boxes)} box(es)")
-    for box_index, box in enumerate(boxes):
-        if not (
-            isinstance(box, (list, tuple)) and len(box) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
-        ):
-            raise _Skip("bad_box", f"box {box_index} is {box!r}, not 4 numbers")
-        x1, y1, x2, y2 = box
-        if not (0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1):
-            raise _Skip("bad_box", f"box {box_index} {list(box)} is empty or outside [0, 1]")
+    boxes = [_box(box, box_index) for box_index, box in enumerate(boxes)]
     placeholders = sum(value.count(IMAGE_PLACEHOLDER) for role, value in turns)
     if placeholders not in (0, len(references)):
         raise _Skip("image_placeholder_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} for {len(references)} image(s)")
@@ -429,6 +574,24 @@ def _lvr_row(row: Any, reader: _ImageReader) -> dict:
     return _record(images, messages, aux_images, _given_answer(row) or extract_answer(answers[-1]))
 
 
+def _box(box: Any, box_index: int) -> tuple[float, float, float, float]:
+    """An LVR box as 4 floats with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1, else the skip `bad_box` (also for an
+    int too large for a float, such as 10**400)."""
+    if not (isinstance(box, (list, tuple)) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+        raise _Skip("bad_box", f"box {box_index} is {_describe(box)}, not 4 numbers")
+    try:
+        values = tuple(float(v) for v in box)
+    except OverflowError:
+        raise _Skip("bad_box", f"box {box_index} holds a number too large for a float: {_describe(box)}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise _Skip("bad_box", f"box {box_index} is {_describe(box)}, not 4 finite numbers")
+    x1, y1, x2, y2 = values
+    if not (0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1):
+        raise _Skip("bad_box", f"box {box_index} {_describe(list(values))} is empty or outside [0, 1]")
+    return values
+
+
 def lvr_box_pixels(box, size) -> tuple[int, int, int, int]:
     """The pixel rectangle of a normalized box: outward-rounded, clipped to the image."""
     (x1, y1, x2, y2), (width, height) = box, size
@@ -443,6 +606,32 @@ def lvr_box_pixels(box, size) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _error_detail(error: BaseException) -> str:
+    try:
+        message = str(error)
+    except Exception:
+        message = "(the message cannot be shown)"
+    return f"{type(error).__name__}: {_clip(message)}"
+
+
+def _check_encodable(value: Any, where: str = "row") -> None:
+    """Every string of a record encodes as UTF-8 (Arrow's string type), else the skip `unencodable_text`: a lone
+    surrogate such as `\\ud800` (JSON's `"\\ud800"` escape) would otherwise fail the write of a whole batch."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise _Skip("unencodable_text", f"{where} holds {value[error.start:error.end]!r} at character "
+                                            f"{error.start}, which UTF-8 cannot encode") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if key != "bytes":
+                _check_encodable(item, f"{where}[{key!r}]")
+    elif isinstance(value, list):
+        for position, item in enumerate(value):
+            _check_encodable(item, f"{where}[{position}]")
+
+
 def iter_convert(
     format: str,
     rows: Iterable,
@@ -451,27 +640,46 @@ def iter_convert(
     strict: bool = False,
     require_answer: bool = False,
     keep_observation_tags: bool = False,
+    allow_outside_root: bool = False,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    opened: set | None = None,
 ) -> Iterator[tuple[int, dict | None, dict | None]]:
     """Yield `(index, record, None)` for each converted row and `(index, None, skip)` for each skipped one, where
-    `skip = {"row", "reason", "detail"}`. With `strict`, the first skip raises `ConversionError` instead."""
+    `skip = {"row", "reason", "detail"}`. With `strict`, the first skip raises `ConversionError` instead.
+
+    Image paths resolve against `image_root` (default: the current folder) and must stay inside it unless
+    `allow_outside_root`; images of more than `max_image_pixels` pixels (None: no limit of ours) are skipped;
+    `opened`, a set, collects the real path of every image file read. Any exception while converting a row is a
+    skip (`conversion_error` when no specific reason applies), never a crash."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
+    _check_max_image_pixels(max_image_pixels)
     convert = {"monet": _monet_row, "mirage": _mirage_row, "lvr": _lvr_row}[format]
     options = {"keep_observation_tags": keep_observation_tags} if format == "monet" else {}
+    reader_options = dict(allow_outside_root=allow_outside_root, max_image_pixels=max_image_pixels, opened=opened)
     for index, row in enumerate(rows):
         try:
             if isinstance(row, _Malformed):
                 raise _Skip("malformed_json", f"line {row.line}: {row.error}")
-            record = convert(row, _ImageReader(image_root), **options)
+            record = convert(row, _ImageReader(image_root, **reader_options), **options)
             if require_answer and not record["answer"]:
                 raise _Skip("no_answer", "no answer field, <answer> tag or \\boxed{}")
+            _check_encodable(record)
             record["source_index"] = index
-        except _Skip as skip:
+        except Exception as error:  # noqa: BLE001 - every per-row failure is a named skip, of any type
+            reason, detail = (error.reason, error.detail) if isinstance(error, _Skip) else (
+                "conversion_error", _error_detail(error))
             if strict:
-                raise ConversionError(index, skip.reason, skip.detail) from None
-            yield index, None, {"row": index, "reason": skip.reason, "detail": skip.detail}
+                raise ConversionError(index, reason, detail) from (None if isinstance(error, _Skip) else error)
+            yield index, None, {"row": index, "reason": reason, "detail": detail}
             continue
         yield index, record, None
+
+
+def _check_max_image_pixels(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"--max-image-pixels must be a whole number >= 1 (or None for Pillow's own limit only), "
+                         f"not {value!r}")
 
 
 def _convert_all(format, rows, image_root=None, **options) -> tuple[list[dict], list[dict]]:
@@ -482,8 +690,8 @@ def _convert_all(format, rows, image_root=None, **options) -> tuple[list[dict], 
 
 
 def convert_monet(rows, image_root=None, **options) -> tuple[list[dict], list[dict]]:
-    """Monet rows (`{"data": [system, user, assistant], "metadata"}`) -> (records, skipped). Options: `strict`,
-    `require_answer`, `keep_observation_tags`."""
+    """Monet rows (`{"data": [system, user, assistant], "metadata"}`) -> (records, skipped). Options (as
+    `iter_convert`): `strict`, `require_answer`, `keep_observation_tags`, `allow_outside_root`, `max_image_pixels`."""
     return _convert_all("monet", rows, image_root, **options)
 
 
@@ -525,39 +733,107 @@ def summarize(format: str, input_path: str, output: str, rows_in: int, converted
     }
 
 
+def _check_paths(args, image_root: str) -> None:
+    """File-level checks before anything is read or deleted: the input is a file, the image root a folder, and the
+    output folder neither is nor holds the input file or the image root (`--overwrite` would delete them)."""
+    if not os.path.isfile(args.input):
+        raise ValueError(f"--input {args.input} is not a file")
+    if not os.path.isdir(image_root):
+        raise ValueError(f"--image-root {image_root} is not a folder (image paths are read relative to it)")
+    output = os.path.realpath(args.output)
+    for what, path in (("the input file", args.input), ("the image root", image_root)):
+        real = os.path.realpath(path)
+        if _inside(real, output):
+            where = "is" if real == output else "holds"
+            raise ValueError(
+                f"--output {args.output} {where} {what} {path}; writing the dataset there (--overwrite) would delete "
+                "it: choose an output folder outside the input's and the images' folders"
+            )
+    if os.path.lexists(args.output) and not os.path.isdir(args.output):
+        raise ValueError(f"--output {args.output} exists and is not a folder")
+    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
+        raise FileExistsError(f"{args.output} exists and is not empty (pass --overwrite to replace it)")
+
+
+def _print_summary(report: dict, details: bool = False) -> None:
+    for reason, entry in report["skipped"].items():
+        print(f"  skipped {entry['count']:>7}  {reason}: {SKIP_REASONS[reason]}")
+        if details and entry["details"]:
+            row, detail = next(iter(entry["details"].items()))
+            print(f"           e.g. row {row}: {_clip(detail)}")
+
+
 def convert_dataset(args) -> dict:
-    """`gap convert` (`args`: a `trainers.arguments.ConvertDatasetArguments`): convert `args.input`, save the dataset to `args.output`, write and return the report."""
+    """`gap convert` (`args`: a `trainers.arguments.ConvertDatasetArguments`): convert `args.input`, save the dataset
+    to `args.output`, write and return the report. Raises `ValueError` naming the file for problems with the input,
+    the image root or the output folder, and when no row converts (the output is then left as it was)."""
     from datasets import Dataset
     from datasets.arrow_writer import ArrowWriter
     from tqdm.auto import tqdm
 
-    if os.path.exists(args.output) and os.listdir(args.output) and not args.overwrite:
-        raise FileExistsError(f"{args.output} exists and is not empty (pass --overwrite to replace it)")
+    allow_outside_root = getattr(args, "allow_outside_root", False)
+    max_image_pixels = getattr(args, "max_image_pixels", MAX_IMAGE_PIXELS)
+    if args.max_rows is not None:
+        _check_max_rows(args.max_rows)
+    _check_max_image_pixels(max_image_pixels)
     image_root = args.image_root if args.image_root is not None else os.path.dirname(os.path.abspath(args.input))
+    _check_paths(args, image_root)
     rows = load_rows(args.input, args.max_rows)
     features = gap_features()
     parent = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(parent, exist_ok=True)
+    skipped, no_answer, converted, opened = [], [], 0, set()
     scratch = tempfile.mkdtemp(prefix=".convert-", dir=parent)  # same disk as the output
-    skipped, no_answer, converted = [], [], 0
     try:
         shard = os.path.join(scratch, "rows.arrow")
         with ArrowWriter(features=features, path=shard, writer_batch_size=100) as writer:
             progress = tqdm(
                 iter_convert(args.format, rows, image_root, strict=args.strict, require_answer=args.require_answer,
-                             keep_observation_tags=args.keep_observation_tags),
+                             keep_observation_tags=args.keep_observation_tags, allow_outside_root=allow_outside_root,
+                             max_image_pixels=max_image_pixels, opened=opened),
                 total=len(rows), desc=f"converting {args.format}", unit="row",
             )
             for index, record, skip in progress:
+                if record is not None:
+                    try:
+                        example = features.encode_example(record)
+                    except Exception as error:  # noqa: BLE001 - a row Arrow cannot take is a skip too
+                        if args.strict:
+                            raise ConversionError(index, "conversion_error", _error_detail(error)) from error
+                        record, skip = None, {"row": index, "reason": "conversion_error",
+                                              "detail": _error_detail(error)}
                 if record is None:
                     skipped.append(skip)
                     progress.set_postfix(skipped=len(skipped), refresh=False)
                     continue
                 if not record["answer"]:
                     no_answer.append(index)
-                writer.write(features.encode_example(record))
+                try:
+                    writer.write(example)
+                except Exception as error:  # noqa: BLE001 - a batch write fails for a row the checks let through
+                    raise ValueError(f"writing the batch of converted rows that ends at row {index} of {args.input} "
+                                     f"failed ({_error_detail(error)}); run with --strict --max-rows {index + 1} "
+                                     "to find the row") from error
                 converted += 1
             writer.finalize()
+        report = summarize(args.format, args.input, args.output, len(rows), converted, skipped, no_answer)
+        if converted == 0:
+            print(f"converted 0 of {len(rows)} {args.format} rows of {args.input}")
+            _print_summary(report, details=True)
+            first = min(report["skipped"].items(), key=lambda item: item[1]["rows"][0])
+            hint = (" (check --image-root, or pass --allow-outside-root)" if "outside_image_root" in report["skipped"]
+                    else "")
+            counts = ", ".join(f"{reason} {entry['count']}" for reason, entry in report["skipped"].items())
+            raise ValueError(
+                f"no row of {args.input} converted: all {len(rows)} skipped ({counts}){hint}; "
+                f"the first, row {first[1]['rows'][0]}: {first[0]}; --strict stops there with the detail. "
+                f"{args.output} was not written"
+            )
+        output = os.path.realpath(args.output)
+        inside = sorted(path for path in opened if _inside(path, output))
+        if inside and os.path.exists(args.output):
+            raise ValueError(f"--output {args.output} holds image(s) the rows read ({inside[0]}); replacing it would "
+                             "delete them: choose another output folder")
         dataset = Dataset.from_file(shard)
         if os.path.exists(args.output):
             shutil.rmtree(args.output)
@@ -565,12 +841,12 @@ def convert_dataset(args) -> dict:
         del dataset
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report = summarize(args.format, args.input, args.output, len(rows), converted, skipped, no_answer)
     with open(os.path.join(args.output, REPORT_NAME), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     print(f"converted {converted} of {len(rows)} {args.format} rows into {args.output}")
-    for reason, entry in report["skipped"].items():
-        print(f"  skipped {entry['count']:>7}  {reason}: {SKIP_REASONS[reason]}")
+    _print_summary(report)
+    if "outside_image_root" in report["skipped"]:
+        print(f"  (images outside --image-root {image_root} are not read; --allow-outside-root reads them)")
     if no_answer:
         print(f"  kept {len(no_answer)} row(s) without an answer (answer ''); --require-answer skips them")
     print(f"report: {os.path.join(args.output, REPORT_NAME)}")
