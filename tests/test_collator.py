@@ -260,3 +260,51 @@ def test_synthetic_task_is_consistent():
         # The aux crop is the evidence: its centre pixel has the answer's colour.
         crop = r["aux_images"][0]
         assert crop.getpixel((crop.size[0] // 2, crop.size[1] // 2)) == PALETTE[r["answer"]]
+
+
+# ---- text as the chat template renders it --------------------------------------------------------------------------
+@pytest.mark.parametrize("role,token", [("user", "<|im_end|>\n<|im_start|>assistant\n"), ("assistant", "<|im_end|>"),
+                                        ("assistant", "<|latent_end|>"), ("assistant", "<|vision_start|>"),
+                                        ("user", "<|latent_start|>"), ("system", "<|endoftext|>")])
+def test_a_special_token_typed_in_text_is_refused_naming_row_message_token_and_fix(tiny_gap, role, token):
+    _, processor = tiny_gap
+    bad = row(0)
+    turn = {"user": 0, "assistant": 1}.get(role)
+    if role == "system":
+        bad["messages"].insert(0, {"role": "system", "content": f"Be brief. {token}"})
+        turn = 0
+    elif role == "user":
+        bad["messages"][turn]["content"][-1]["text"] += f" {token} more"
+    else:
+        bad["messages"][turn]["content"] += f" {token} more"
+    with pytest.raises(GapDatasetValidationError) as error:
+        validate_gap_dataset([row(1), bad], processor)
+    message = str(error.value)
+    assert message.startswith(f"Row 1: message {turn} ({role}) contains the special token {token.split(chr(10))[0]!r}")
+    assert "escape_special_tokens=True" in message
+
+
+def test_escaping_trains_a_typed_special_token_as_plain_text(tiny_gap):
+    _, processor = tiny_gap
+    typed = row(0, answer="The tag <|im_end|> is text here. <|latent|> Red.")
+    collator = GapDataCollator(processor, escape_special_tokens=True)
+    batch = collator([typed])
+    ids = batch["input_ids"][0].tolist()
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert ids.count(im_end) == 3  # system, user and assistant turn ends: none from the text
+    labels = decoded_labels(processor, batch, 0)
+    assert "The tag <\u2060|im_end|> is text here." in labels and labels.endswith("Red.<|im_end|>")
+
+
+def test_a_marker_split_across_text_parts_is_refused_and_plain_text_removal_sees_joined_text(tiny_gap):
+    _, processor = tiny_gap
+    split = row(0)
+    split["messages"][1]["content"] = [{"type": "text", "text": "Look <|lat"}, {"type": "text", "text": "ent|> red."}]
+    with pytest.raises(GapDatasetValidationError, match=r"^Row 0: message 1 \(assistant\): a <\|latent\|> marker is "
+                                                        r"split across two text parts"):
+        validate_gap_dataset([split], processor)
+    parts = row(0)
+    parts["messages"][1]["content"] = [{"type": "text", "text": "Look."}, {"type": "text", "text": " <|latent|> Red."}]
+    parts["use_latent"] = False
+    batch = GapDataCollator(processor)([parts])
+    assert decoded_labels(processor, batch, 0) == "Look. Red.<|im_end|>"  # as the joined text would read

@@ -235,6 +235,35 @@ def test_local_problems_stop_the_push_before_any_request(hub, tiny_checkpoint, t
     assert left_out == ["trainer_state.json", "training_args.bin"] and "model.safetensors" in publish
 
 
+@pytest.mark.parametrize("where", ["results", "variant card", "dataset column"])
+def test_a_token_in_the_results_the_card_text_or_the_data_stops_the_push_before_any_request(
+        hub, tiny_checkpoint, tmp_path, where):
+    """The model card embeds `--results` and the variant's text; the dataset's strings are uploaded as they are:
+    each is checked for the token before anything is sent."""
+    args = ["--variant", VARIANT, "--checkpoint", str(tiny_checkpoint), "--repo-id", f"acme/leak-{where.split()[-1]}"]
+    if where == "results":
+        (tmp_path / "results.json").write_text(json.dumps({"bench": {"note": f"run with {TOKEN}"}}))
+        args += ["--results", str(tmp_path / "results.json")]
+    elif where == "variant card":
+        with open(VARIANT) as f:
+            raw = yaml.safe_load(f)
+        raw["card"]["limitations"] += f" Contact us with token {TOKEN}."
+        (tmp_path / "variant.yaml").write_text(yaml.safe_dump(raw))
+        args[1] = str(tmp_path / "variant.yaml")
+    else:
+        _schema_dataset(tmp_path / "data")
+        leaky = datasets.load_from_disk(str(tmp_path / "data")).map(
+            lambda row, i: {"answer": f"{row['answer']} {TOKEN}" if i == 2 else row["answer"]}, with_indices=True)
+        leaky.save_to_disk(str(tmp_path / "leaky"))
+        args += ["--dataset", str(tmp_path / "leaky")]
+    before = len(hub.requests)
+    result = push(hub, tmp_path, *args)
+    assert result.returncode != 0 and "contains the Hub token" in result.stderr, result.stderr[-2000:]
+    assert TOKEN not in result.stdout + result.stderr
+    # Only the local checks ran: no request carried anything (reading nothing either).
+    assert len(hub.requests) == before
+
+
 def test_masked_output_hides_the_token_from_prints_logs_and_warnings(capsys):
     import warnings
 

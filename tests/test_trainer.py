@@ -245,33 +245,59 @@ class StopAt(TrainerCallback):
 
 
 def test_resume_matches_a_straight_run(tmp_path):
+    """An interrupted-and-resumed run equals an uninterrupted one: every logged figure of every step (loss, grad
+    norm, CE and latent loss), and every final weight and buffer. Attention dropout makes the run consume the RNG at
+    every step, so the data order and the sampling state must both be restored, not only the weights."""
     dataset = short_dataset(12, markers=[1, 0, 2] * 4)
     options = dict(max_steps=6, lr_scheduler_type="linear", learning_rate=5e-3, data_seed=1)
 
+    def with_dropout(model):
+        for module in model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.2
+        return model
+
+    def curve(trainer):
+        keys = ("loss", "grad_norm", "ce_loss", "latent_loss")
+        return [(log["step"], *(round(float(log[k]), 6) for k in keys if k in log)) for log in train_logs(trainer)]
+
     model, processor = fitted_tiny_gap(dataset)
-    straight = GapSFTTrainer(model, args=gap_args(tmp_path / "a", **options), train_dataset=dataset,
+    straight = GapSFTTrainer(with_dropout(model), args=gap_args(tmp_path / "a", **options), train_dataset=dataset,
                              processing_class=processor)
     straight.train()
     straight_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     model, processor = fitted_tiny_gap(dataset)
     interrupted = GapSFTTrainer(
-        model, args=gap_args(tmp_path / "b", save_strategy="steps", save_steps=3, **options), train_dataset=dataset,
-        processing_class=processor, callbacks=[StopAt(3)],
+        with_dropout(model), args=gap_args(tmp_path / "b", save_strategy="steps", save_steps=3, **options),
+        train_dataset=dataset, processing_class=processor, callbacks=[StopAt(3)],
     )
     interrupted.train()
     checkpoint = tmp_path / "b" / "out" / "checkpoint-3"
     assert checkpoint.is_dir() and interrupted.state.global_step == 3
+    assert (checkpoint / "rng_state.pth").exists()
 
     model, processor = fitted_tiny_gap(dataset, seed=1)  # other weights: the checkpoint must restore them all
-    resumed = GapSFTTrainer(model, args=gap_args(tmp_path / "b", save_strategy="steps", save_steps=3, **options),
+    torch.manual_seed(1234)  # and another RNG state: the checkpoint must restore it too
+    resumed = GapSFTTrainer(with_dropout(model),
+                            args=gap_args(tmp_path / "b", save_strategy="steps", save_steps=3, **options),
                             train_dataset=dataset, processing_class=processor)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 6
-    assert abs(train_logs(resumed)[-1]["loss"] - train_logs(straight)[-1]["loss"]) < 1e-6
-    assert [log["step"] for log in train_logs(resumed)] == list(range(1, 7))
+    assert [step for step, *_ in curve(resumed)] == list(range(1, 7))
+    assert curve(resumed) == curve(straight)  # the whole curve, not only its end
     for name, value in model.state_dict().items():  # parameters and buffers (PCA statistics, ema_norm)
         assert torch.allclose(value, straight_state[name], atol=1e-6), name
+
+    # The same interruption without the checkpoint's RNG state diverges: the test can tell.
+    (checkpoint / "rng_state.pth").unlink()
+    model, processor = fitted_tiny_gap(dataset, seed=1)
+    torch.manual_seed(1234)
+    unrestored = GapSFTTrainer(with_dropout(model),
+                               args=gap_args(tmp_path / "c", save_strategy="no", **options),
+                               train_dataset=dataset, processing_class=processor)
+    unrestored.train(resume_from_checkpoint=str(checkpoint))
+    assert curve(unrestored)[3:] != curve(straight)[3:]
 
 
 # ---- 7. capacity ---------------------------------------------------------------------------------------------------
@@ -358,3 +384,26 @@ def test_synthetic_dataset_trains_through_the_trainer(tmp_path):
     metrics = trainer.evaluate()
     assert metrics["eval_latent_row_fraction"] == 1.0  # no use_latent column: every span kept
     assert math.isclose(metrics["eval_loss"], metrics["eval_ce_loss"] + metrics["eval_latent_loss"], rel_tol=1e-4)
+
+
+def test_an_error_in_the_forward_names_the_dataset_rows_of_the_batch(tmp_path):
+    """Validation makes a forward error on data unexpected; should one happen (a model bug), the model's "Row <batch
+    position>" is translated to the dataset rows the collator carried."""
+    import re
+
+    dataset = short_dataset(6)
+    model, processor = fitted_tiny_gap(dataset)
+    trainer = GapSFTTrainer(model, args=gap_args(tmp_path, max_steps=1, per_device_train_batch_size=3, data_seed=3),
+                            train_dataset=dataset, processing_class=processor)
+
+    def failing_forward(*args, **kwargs):
+        assert "gap_row_indices" not in kwargs  # not a forward argument: the trainer pops it
+        raise ValueError("Row 1: something the model could not take.")
+
+    model.forward = failing_forward
+    with pytest.raises(ValueError) as error:
+        trainer.train()
+    message = str(error.value)
+    rows = [int(r) for r in re.search(r"dataset rows of this batch: \[([\d, ]+)\]", message).group(1).split(", ")]
+    assert len(rows) == 3 and len(set(rows)) == 3 and set(rows) <= set(range(6))
+    assert f"Batch row 1 (dataset row {rows[1]}): something the model could not take." in message

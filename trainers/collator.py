@@ -4,6 +4,10 @@ validation.
 What `GapDataCollator` does with one row:
 
 1. Checks the types; loads every image (PIL images, paths, or `{"bytes", "path"}` dicts as `datasets` stores them).
+   Checks the text as the chat template will join it: a `<|latent|>` marker split across two text parts, and any
+   special-token string of the tokenizer typed in the text (`<|im_end|>`, `<|vision_start|>`, `<|latent_end|>`, ...:
+   it would become the real control token) are errors naming the row and the message (`escape_special_tokens=True`
+   trains such strings as plain text instead).
 2. Image placeholders: when no message has an image part but the row has images, one `{"type": "image"}` part per
    image is put at the start of the first user turn (TRL's convention for string contents); otherwise the number of
    image parts must equal the number of images.
@@ -140,6 +144,12 @@ class GapDataCollator:
         capacity_threshold (`float`, defaults to 0.5): rows with only `base_pass_rate` keep their spans when the rate
             is <= this.
         pad_to_multiple_of (`int`, *optional*): pad the sequence length to a multiple of this.
+        escape_special_tokens (`bool`, defaults to `False`): a special-token string of the tokenizer (`<|im_end|>`,
+            `<|vision_start|>`, `<|latent_start|>`, ...) typed in a row's text is an error naming the row; with
+            `True` it is trained as plain text instead (a word joiner, U+2060, after its first character keeps the
+            tokenizer from reading it as the control token).
+        return_row_indices (`bool`, defaults to `False`): add `gap_row_indices` (the dataset row of each batch
+            position) to the batch, for a trainer to name rows in errors (not a forward argument: pop it first).
     """
 
     def __init__(
@@ -149,8 +159,12 @@ class GapDataCollator:
         capacity_guided: bool = True,
         capacity_threshold: float = 0.5,
         pad_to_multiple_of: int | None = None,
+        escape_special_tokens: bool = False,
+        return_row_indices: bool = False,
     ):
         self.processor = processor
+        self.escape_special_tokens = escape_special_tokens
+        self.return_row_indices = return_row_indices
         self.max_length = max_length
         self.capacity_guided = capacity_guided
         self.capacity_threshold = capacity_threshold
@@ -173,6 +187,11 @@ class GapDataCollator:
         self.image_ids = {vocab[t] for t in image_tokens if t in vocab}
         self.unsupervised_ids = self.image_ids | {self.latent_pad_id}
         self.protected_ids = self.image_ids | {self.latent_pad_id, self.latent_start_id, self.latent_end_id}
+        # Every string the tokenizer reads as one special token, longest first (so a search names the whole token).
+        special = set(tokenizer.all_special_tokens)
+        special |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        special |= {tokenizer.convert_ids_to_tokens(i) for i in processor.latent_token_ids}
+        self.special_tokens = sorted(special, key=len, reverse=True)
         pad_id = tokenizer.pad_token_id
         if pad_id is None:
             pad_id = vocab.get("<|endoftext|>", tokenizer.eos_token_id)
@@ -224,6 +243,43 @@ class GapDataCollator:
                 )
         return parts
 
+    def _special_token_in(self, text: str) -> str | None:
+        """The special token that appears first in `text` (the longest, where two start at the same place)."""
+        found = [(text.index(token), -len(token), token) for token in self.special_tokens if token in text]
+        return min(found)[2] if found else None
+
+    def _check_text(self, messages: list[dict], index):
+        """What the chat template will join: markers and special-token strings, per message (text parts joined, as
+        the template renders them)."""
+        for turn, message in enumerate(messages):
+            parts = [p for p in message["content"] if p["type"] == "text"]
+            joined = "".join(p["text"] for p in parts)
+            where = f"message {turn} ({message['role']})"
+            if joined.count(self.marker) != sum(p["text"].count(self.marker) for p in parts):
+                raise GapDataError(
+                    index, f"{where}: a {self.marker} marker is split across two text parts, which the chat "
+                    "template joins into one: put each marker inside one text part."
+                )
+            token = self._special_token_in(joined)
+            if token is None:
+                continue
+            if self.escape_special_tokens:
+                for part in parts:
+                    for special in self.special_tokens:
+                        part["text"] = part["text"].replace(special, special[0] + "\u2060" + special[1:])
+                token = self._special_token_in("".join(p["text"] for p in parts))
+                if token is None:
+                    continue
+                raise GapDataError(
+                    index, f"{where}: the special token {token!r} is split across two text parts, which the chat "
+                    "template joins into the real token: put it inside one text part, or remove it."
+                )
+            raise GapDataError(
+                index, f"{where} contains the special token {token!r} as text: the tokenizer would read it as the "
+                "real control token (ending a turn, opening an image or a latent span). Remove it from the text, or "
+                "set escape_special_tokens=True (a GapSFTConfig field) to train it as plain text."
+            )
+
     def prepare_row(self, row: Mapping, index) -> PreparedRow:
         """Check one row and normalise it (steps 1-3 of the module docstring). Raises `GapDataError`."""
         if not isinstance(row, Mapping):
@@ -257,6 +313,7 @@ class GapDataCollator:
             messages.append({"role": role, "content": self._parts(message["content"], index, turn)})
         if not any(m["role"] == "assistant" for m in messages):
             raise GapDataError(index, "no assistant turn: there is nothing to supervise.")
+        self._check_text(messages, index)
 
         markers = 0
         for turn, message in enumerate(messages):
@@ -283,6 +340,15 @@ class GapDataCollator:
             raise GapDataError(
                 index, f"the messages hold {image_parts} image placeholder(s) but the row has {len(images)} image(s)."
             )
+
+        for message in messages:  # adjacent text parts as one, as the chat template renders them
+            merged = []
+            for part in message["content"]:
+                if part["type"] == "text" and merged and merged[-1]["type"] == "text":
+                    merged[-1] = {"type": "text", "text": merged[-1]["text"] + part["text"]}
+                else:
+                    merged.append(part)
+            message["content"] = merged
 
         use_latent = self.uses_latent(row, index)
         if not use_latent and markers:
@@ -346,6 +412,13 @@ class GapDataCollator:
                 index, "no assistant tokens found: the chat template must render assistant turns as ChatML "
                 "(<|im_start|>assistant ... <|im_end|>)."
             )
+        rendered_turns = sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
+        wanted_turns = sum(m["role"] == "assistant" for m in prepared.messages)
+        if rendered_turns != wanted_turns:  # the rendered conversation is not the row's (e.g. a template quirk)
+            raise GapDataError(
+                index, f"the rendered conversation has {rendered_turns} assistant turn(s), the row {wanted_turns}: "
+                "check the chat template."
+            )
         labels = [t if m and t not in self.unsupervised_ids else -100 for t, m in zip(ids, mask)]
         if all(label == -100 for label in labels):
             raise GapDataError(index, "no supervised token: the assistant turns hold only image or latent slots.")
@@ -383,10 +456,11 @@ class GapDataCollator:
 
     # ---- a batch -------------------------------------------------------------------------------------------
     def __call__(self, rows: list[Mapping]) -> dict[str, torch.Tensor]:
-        encoded = []
+        encoded, indices = [], []
         for position, row in enumerate(rows):
             index = row.get(ROW_INDEX_COLUMN, position) if isinstance(row, Mapping) else position
             encoded.append(self.encode_row(row, index))
+            indices.append(index)
         length = max(e["input_ids"].shape[0] for e in encoded)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -407,6 +481,8 @@ class GapDataCollator:
             if present:
                 batch[values] = torch.cat([e[values] for e in present])
                 batch[grid] = torch.cat([e[grid] for e in present])
+        if self.return_row_indices:
+            batch["gap_row_indices"] = torch.tensor([i if isinstance(i, int) else -1 for i in indices])
         return batch
 
 
@@ -440,18 +516,22 @@ def validate_gap_dataset(
     capacity_threshold: float = 0.5,
     max_rows: int | None = None,
     max_errors: int = 20,
+    escape_special_tokens: bool = False,
 ) -> dict:
     """Check every row of `dataset` (a `datasets.Dataset`, an `IterableDataset` or any iterable of rows) exactly as
     `GapDataCollator` will encode it: column types, messages and roles, image placeholders, every image (and aux
-    image) readable, marker / aux-image counts, no marker outside assistant turns, no empty assistant turn, the
-    processor accepting the row, supervised tokens present, and no image or latent span cut by `max_length`.
+    image) readable, marker / aux-image counts on the text as rendered (no marker split across parts), no special-token
+    string in the text, no marker outside assistant turns, no empty assistant turn, the rendered conversation holding
+    the row's assistant turns, the processor accepting the row, supervised tokens present, and no image or latent span
+    cut by `max_length`. A row that passes trains as checked: the collator runs the same code.
 
     Returns a summary (`rows`, `rows_with_latent` (rows that keep spans), `plain_text_rows` (rows whose spans the
     capacity rule removed), `spans`, `max_tokens`). Raises `GapDatasetValidationError` listing the bad rows (up to
     `max_errors`), its message starting with the first: `Row <index>: <problem>`.
     """
     collator = GapDataCollator(
-        processor, max_length=max_length, capacity_guided=capacity_guided, capacity_threshold=capacity_threshold
+        processor, max_length=max_length, capacity_guided=capacity_guided, capacity_threshold=capacity_threshold,
+        escape_special_tokens=escape_special_tokens,
     )
     errors, total_bad = [], 0
     summary = dict(rows=0, rows_with_latent=0, plain_text_rows=0, spans=0, max_tokens=0)

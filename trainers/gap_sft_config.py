@@ -48,6 +48,9 @@ class GapSFTConfig(SFTConfig):
         validate_dataset (`bool`, *optional*, defaults to `True`):
             Check every row of the train and eval datasets with `validate_gap_dataset` before training (each
             malformed row is reported by index). Costs one processor pass per row.
+        escape_special_tokens (`bool`, *optional*, defaults to `False`):
+            A special-token string of the tokenizer typed in a row's text (`<|im_end|>`, `<|vision_start|>`,
+            `<|latent_end|>`, ...) refuses the row, naming it; `True` trains such strings as plain text instead.
     """
 
     latent_loss_weight: float = field(
@@ -77,6 +80,11 @@ class GapSFTConfig(SFTConfig):
     freeze_vision_tower: bool = field(
         default=True,
         metadata={"help": "Freeze the vision tower (it produces the latent targets)."},
+    )
+    escape_special_tokens: bool = field(
+        default=False,
+        metadata={"help": "Train special-token strings typed in a row's text (<|im_end|>, ...) as plain text instead "
+                          "of refusing the row."},
     )
     validate_dataset: bool = field(
         default=True,

@@ -25,6 +25,7 @@ micro-batches that have spans.
 """
 
 import logging
+import re
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -121,6 +122,8 @@ class GapSFTTrainer(SFTTrainer):
                 capacity_guided=args.capacity_guided,
                 capacity_threshold=args.capacity_threshold,
                 pad_to_multiple_of=args.pad_to_multiple_of,
+                escape_special_tokens=args.escape_special_tokens,
+                return_row_indices=True,
             )
 
         super().__init__(
@@ -165,7 +168,7 @@ class GapSFTTrainer(SFTTrainer):
         if args.validate_dataset and isinstance(dataset, datasets.Dataset):
             summary = validate_gap_dataset(
                 dataset, processing_class, max_length=args.max_length, capacity_guided=args.capacity_guided,
-                capacity_threshold=args.capacity_threshold,
+                capacity_threshold=args.capacity_threshold, escape_special_tokens=args.escape_special_tokens,
             )
             logger.info("%s dataset checked: %s", name, summary)
         # Let the collator's errors name dataset rows. A dataset with an indices mapping (after select / shuffle)
@@ -250,7 +253,8 @@ class GapSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         base = self._gap_model()
         labels = inputs["labels"]
-        forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        rows = inputs.get("gap_row_indices")
+        forward_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "gap_row_indices")}
         forward_inputs["use_cache"] = False
         slots_in_batch = inputs["input_ids"] == self._latent_pad_id
         if self.args.latent_feedback_training == "self" and bool(slots_in_batch.any()):
@@ -264,6 +268,13 @@ class GapSFTTrainer(SFTTrainer):
         handle = base.model.register_forward_hook(keep_hidden_states)
         try:
             outputs = model(**forward_inputs, logits_to_keep=0 if return_outputs else 1)
+        except ValueError as error:
+            if rows is None:
+                raise
+            # The model names batch positions ("Row 1: ..."): say which dataset rows they are.
+            named = re.sub(r"\bRow (\d+)", lambda m: f"Batch row {m.group(1)} (dataset row "
+                           f"{rows[int(m.group(1))].item() if int(m.group(1)) < len(rows) else '?'})", str(error))
+            raise ValueError(f"{named} [dataset rows of this batch: {rows.tolist()}]") from error
         finally:
             handle.remove()
 

@@ -302,6 +302,42 @@ def check_no_secret(checkpoint: str, publish: list[str], secret: str | None):
                 raise ValueError(f"{checkpoint}/{name} contains the Hub token; refusing to upload it")
 
 
+def check_text_for_secret(text: str, secret: str | None, what: str):
+    """Refuse to upload `text` (a card, a dataset's strings) when it contains the token."""
+    if secret and secret in text:
+        raise ValueError(f"{what} contains the Hub token; refusing to upload it (remove the token from it)")
+
+
+def check_dataset_for_secret(splits: dict, secret: str | None):
+    """Every string of every split (messages, answers, any text column) is checked for the token, through Arrow."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not secret:
+        return
+
+    def strings(array):
+        kind = array.type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            yield array
+        elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            yield from strings(array.flatten())
+        elif pa.types.is_struct(kind):
+            for i in range(kind.num_fields):
+                yield from strings(array.field(i))
+
+    for name, split in splits.items():
+        table = split.with_format("arrow")[:] if split.num_rows else None
+        if table is None:
+            continue
+        for column in table.column_names:  # image columns: their paths are checked, their bytes are not text
+            for chunk in table.column(column).chunks:
+                for array in strings(chunk):
+                    if pc.any(pc.match_substring(array, secret)).as_py():
+                        raise ValueError(f"split '{name}' column '{column}' contains the Hub token; refusing to "
+                                         "upload the dataset (remove the token from the data)")
+
+
 def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -443,16 +479,21 @@ def prepare_model(args: PushArguments, variant: HubVariant, token: str, datasets
                   "(LFS, on the Hub)" if n.endswith(".safetensors") else sha256_file(os.path.join(checkpoint, n)))
                  for n in publish]
         card = model_card(variant, args.repo_id, config, results, files, datasets)
+        check_text_for_secret(str(card), token, "the generated model card (from the variant and --results)")
     return ModelUpload(publish, left_out, card)
 
 
-def prepare_dataset(args: PushArguments, repo_id: str, token: str) -> tuple[dict, dict]:
+def prepare_dataset(args: PushArguments, variant: HubVariant, repo_id: str, token: str) -> tuple[dict, dict]:
     import datasets
 
     with step(repo_id, "check the dataset", token):
         loaded = datasets.load_from_disk(args.dataset)
         splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-        return splits, describe_splits(splits)
+        described = describe_splits(splits)
+        check_dataset_for_secret(splits, token)
+        card = dataset_card(variant, repo_id, args.repo_id, described)
+        check_text_for_secret(str(card), token, "the generated dataset card")
+        return splits, described
 
 
 def push_dataset(args: PushArguments, variant: HubVariant, token: str, repo_id: str, splits: dict,
@@ -519,7 +560,7 @@ def push(args: PushArguments) -> dict:
     dataset_repo_id = args.dataset_repo_id or args.repo_id
     datasets = list(dict.fromkeys(variant.datasets + ([dataset_repo_id] if args.dataset else [])))
     upload = prepare_model(args, variant, token, datasets) if args.checkpoint else None
-    splits, described = prepare_dataset(args, dataset_repo_id, token) if args.dataset else (None, None)
+    splits, described = prepare_dataset(args, variant, dataset_repo_id, token) if args.dataset else (None, None)
 
     summary = {}
     if args.dataset:
