@@ -29,6 +29,25 @@ def test_an_unknown_stage_or_a_bad_input_is_one_clear_line(tmp_path):
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
 
 
+def test_a_gpu_recipe_on_a_machine_without_gpus_fails_in_one_line():
+    recipe = os.path.join(ROOT, "recipes", "qwen2_5_vl_7b", "sft", "config_pca_lora.yaml")
+    done = run_gap("sft", "--config", recipe)
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert errors[-1].startswith("gap sft: error: this recipe trains in bf16 on GPUs")
+    assert sum(line.startswith("gap sft: error") for line in errors) == 1
+
+
+def test_gap_make_data_writes_both_splits_in_the_schema(tmp_path):
+    import datasets
+
+    done = run_gap("make-data", "--output_dir", tmp_path / "data", "--train_rows", "4", "--test_rows", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    splits = datasets.load_from_disk(str(tmp_path / "data"))
+    assert {name: len(split) for name, split in splits.items()} == {"train": 4, "test": 2}
+    assert {"images", "messages", "aux_images", "answer"} <= set(splits["train"].column_names)
+
+
 TINY_SFT_YAML = """\
 model_name_or_path: tiny
 dataset_name: synthetic

@@ -2,6 +2,7 @@
 to the local Hub. Fixtures live in `conftest.py`; no test module imports another."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -121,3 +122,57 @@ def push(hub, tmp_path, *args, token_in_env=True):
     result = run_gap("push", *args, env=env, timeout=300)
     OUTPUTS.append(result.stdout + result.stderr)
     return result
+
+
+# ---- the README as a script ------------------------------------------------------------------------------------------
+README_BLOCK = re.compile(
+    r"(?:<!-- readme-test: (?P<skip>skip[^>]*?) -->\n)?```(?P<lang>python|bash)\n(?P<code>.*?)```", re.S)
+STAND_IN_ROW = re.compile(r"^\| `([^`]+)` \| `([^`]+)` \|", re.M)
+
+
+def readme_blocks(text: str) -> list[dict]:
+    """The README's python and bash blocks in order: name (section and number), language, code, and the reason it is
+    skipped (`<!-- readme-test: skip: why -->` on the line before the block) or None."""
+    blocks, counts = [], {}
+    for match in README_BLOCK.finditer(text):
+        headings = re.findall(r"^## (.+)$", text[: match.start()], re.M)
+        section = headings[-1] if headings else "top"
+        counts[section] = counts.get(section, 0) + 1
+        skip = match.group("skip")
+        blocks.append(dict(name=f"{section} #{counts[section]}", lang=match.group("lang"), code=match.group("code"),
+                           skip=skip.split(":", 1)[1].strip() if skip and ":" in skip else skip))
+    return blocks
+
+
+def readme_stand_ins(text: str) -> dict[str, str]:
+    """The README's table of offline stand-ins: the name in the examples -> the local path that replaces it."""
+    section = text.split("## Offline: tiny stand-ins", 1)[1].split("\n## ", 1)[0]
+    return dict(STAND_IN_ROW.findall(section))
+
+
+def run_readme(readme: str, log=print) -> None:
+    """Run every block of `readme` that is not skipped, in order, in the current directory: python blocks in one
+    namespace (this process), bash blocks with `bash -e`; exits 1 naming the first block that fails."""
+    import traceback
+
+    text = open(readme, encoding="utf-8").read()
+    stand_ins = readme_stand_ins(text)
+    namespace = {"__name__": "__readme__"}
+    for block in readme_blocks(text):
+        if block["skip"]:
+            log(f"SKIPPED {block['name']}: {block['skip']}")
+            continue
+        code = block["code"]
+        for name, local in stand_ins.items():
+            code = code.replace(name, local)
+        log(f"RUNNING {block['name']} ({block['lang']})")
+        try:
+            if block["lang"] == "python":
+                exec(compile(code, f"README {block['name']}", "exec"), namespace)
+            else:
+                subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], check=True)
+        except BaseException:  # noqa: BLE001 - any failure of a block fails the README
+            traceback.print_exc()
+            log(f"FAILED {block['name']}")
+            raise SystemExit(1)
+    log("README OK")

@@ -13,6 +13,19 @@ The names below are imported lazily, so that `import trainers.evaluation` (or `t
 """
 
 import importlib
+import logging
+
+
+class _KnownHarmless(logging.Filter):
+    """bitsandbytes' CPU backend logs a warning at import when the optional `kernels` package (which downloads
+    kernels from the Hub) is absent; it then uses its built-in CPU kernels, which is what runs here. Only that
+    message is dropped."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KnownHarmless())
 
 _EXPORTS = {
     "collator": [

@@ -196,8 +196,20 @@ class MakeTinyArguments:
     num_layers: int = field(default=2, metadata={"help": "Decoder layers."})
 
 
+@dataclass
+class MakeDataArguments:
+    """`gap make-data`: write the offline synthetic task as a `save_to_disk` dataset (splits `train` and `test`, rows
+    in GAP's schema: every stage reads it with `--dataset_name DIR`) (`trainers.dataset_loader`)."""
+
+    output_dir: str = field(default="outputs/tiny-data", metadata={"help": "Directory to write the dataset to."})
+    train_rows: int = field(default=256, metadata={"help": "Rows of the train split."})
+    test_rows: int = field(default=64, metadata={"help": "Rows of the test split."})
+    seed: int = field(default=0, metadata={"help": "Seed of the train split (the test split uses seed + 1)."})
+
+
 __all__ = [
     "CapacityArguments",
+    "MakeDataArguments",
     "ConvertDatasetArguments",
     "EvalArguments",
     "FitPCAArguments",

@@ -26,6 +26,7 @@ STAGES = {
     "latent-lens": ("trainers.diagnostics", "run_latent_lens", ["trainers.arguments:EvalArguments"]),
     "push": ("trainers.hub", "publish", ["trainers.arguments:PushArguments"]),
     "make-tiny": ("trainers.tiny", "make_tiny", ["trainers.arguments:MakeTinyArguments"]),
+    "make-data": ("trainers.dataset_loader", "make_data", ["trainers.arguments:MakeDataArguments"]),
     "demo": ("trainers.demo", "main", None),
 }
 SUMMARIES = {
@@ -39,6 +40,7 @@ SUMMARIES = {
     "latent-lens": "where each latent looks: similarity to the image's visual tokens",
     "push": "publish a hub_configs/ variant (weights, code, card) in one commit",
     "make-tiny": "write a tiny random GAP (or stock Qwen2.5-VL) checkpoint, offline",
+    "make-data": "write the offline synthetic task (train / test splits in GAP's schema)",
     "demo": "the offline end-to-end demo (make demo)",
 }
 
@@ -74,7 +76,16 @@ def run_stage(stage: str, argv: list[str] | None = None):
     run = getattr(importlib.import_module(module), function)
     if classes is None:
         return run(argv)
-    parsed = parse_stage(stage, argv)
+    try:
+        parsed = parse_stage(stage, argv)
+    except ValueError as error:
+        if "support bf16/gpu" in str(error):  # TrainingArguments' words for a bf16 recipe on a machine without GPUs
+            raise ValueError(
+                "this recipe trains in bf16 on GPUs (bf16: true) and this machine has none: run it on GPUs, or on "
+                "CPU pass --use_cpu true --bf16 false (a 7B model will not train on a CPU; the tiny recipes under "
+                "recipes/tiny/ do)."
+            ) from None
+        raise
     try:
         return run(*parsed)
     finally:

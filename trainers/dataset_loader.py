@@ -62,4 +62,23 @@ def load_training_datasets(script_args, seed: int, wants_eval: bool):
     return train, evaluation
 
 
-__all__ = ["SYNTHETIC_DATASET", "SYNTHETIC_SPLITS", "load_split", "load_training_datasets"]
+def make_data(args) -> str:
+    """`gap make-data` (`args`: a `trainers.arguments.MakeDataArguments`): the synthetic task's train and test splits
+    as a `DatasetDict` saved to `args.output_dir`."""
+    import datasets
+
+    from .synthetic import make_synthetic_dataset
+
+    for name in ("train_rows", "test_rows"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}.")
+    splits = datasets.DatasetDict(
+        train=make_synthetic_dataset(args.train_rows, seed=args.seed),
+        test=make_synthetic_dataset(args.test_rows, seed=args.seed + 1),
+    )
+    splits.save_to_disk(args.output_dir)
+    print(f"wrote the synthetic task ({args.train_rows} train, {args.test_rows} test rows) to {args.output_dir}")
+    return args.output_dir
+
+
+__all__ = ["SYNTHETIC_DATASET", "SYNTHETIC_SPLITS", "load_split", "load_training_datasets", "make_data"]

@@ -94,8 +94,15 @@ class GapSFTConfig(SFTConfig):
         default=False,
         metadata={"help": "Drop dataset columns the model does not take (keep False: the collator needs them)."},
     )
+    # TRL turns gradient checkpointing on by default under its old name, which transformers 5 warns about on every
+    # run; the same default here under the new name (`activation_checkpointing`), the old one left for users.
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
+    )
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default
         super().__post_init__()
         if not (isinstance(self.latent_loss_weight, (int, float)) and self.latent_loss_weight >= 0):
             raise ValueError(f"latent_loss_weight must be a number >= 0; got {self.latent_loss_weight!r}.")
