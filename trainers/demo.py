@@ -64,7 +64,7 @@ VARIANTS = {
 }
 TASK = dict(image_size=84, grid=3, num_shapes=4, num_colors=4, aux_size=56)
 CONTROL = "pca, zero latents (control)"
-DEMO_SLICE = dict(seeds=[0], budgets=[200, 400], variants=["text SFT", "pca", CONTROL], test_rows=100)
+DEMO_SLICE = dict(seeds=[0], budgets=[200, 400], variants=["text SFT", "pca"], test_rows=100)
 STUDY = dict(seeds=[0, 1, 2], budgets=[100, 200, 400, 800], variants=list(VARIANTS), test_rows=200)
 
 
@@ -449,14 +449,20 @@ def plot(summary, path: str, chance: float, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in dict.fromkeys(e["variant"] for e in summary):
+    fig, ax = plt.subplots(figsize=(8, 5))
+    names = list(dict.fromkeys(e["variant"] for e in summary))
+    for n, name in enumerate(names):
         entries = [e for e in summary if e["variant"] == name]
-        x = [e["steps"] for e in entries]
+        shift = 2 ** (0.06 * (n - (len(names) - 1) / 2))  # side by side, so that the intervals stay readable
+        x = [e["steps"] * shift for e in entries]
         y = [e["closed_loop"]["accuracy"] for e in entries]
         err = [[v - e["closed_loop"]["ci_low"] for v, e in zip(y, entries)],
                [e["closed_loop"]["ci_high"] - v for v, e in zip(y, entries)]]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+    steps = sorted({e["steps"] for e in summary})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.minorticks_off()
     ax.axhline(chance, color="grey", linestyle="--", label="chance")
     ax.set_xlabel("training steps")
     ax.set_ylabel("closed-loop accuracy (95 % interval)")
@@ -514,7 +520,7 @@ def parse_args(argv=None):
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--warmup_steps", type=int, default=10)
     parser.add_argument("--logging_steps", type=int, default=50)
-    parser.add_argument("--eval_batch_size", type=int, default=100)
+    parser.add_argument("--eval_batch_size", type=int, default=200)
     parser.add_argument("--max_new_tokens", type=int, default=56)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: reproducible, and fastest "
                                                                  "on a shared machine)")
