@@ -361,6 +361,14 @@ def summarize(runs: dict, seeds, budgets, bootstrap: Bootstrap) -> list[dict]:
                 base = np.array(_correct_array(runs["text SFT"]["evaluations"], seeds, budget, "closed_loop"))
                 mean, low, high = bootstrap.interval(closed - base)
                 entry["vs_text_sft"] = dict(delta=mean, ci_low=low, ci_high=high)
+            if "pca" in runs and name != "pca":
+                base = np.array(_correct_array(runs["pca"]["evaluations"], seeds, budget, "closed_loop"))
+                mean, low, high = bootstrap.interval(closed - base)
+                entry["vs_pca"] = dict(delta=mean, ci_low=low, ci_high=high)
+            # per test row and seed, 1 = right, for any later paired comparison
+            entry["per_row"] = {condition: ["".join(str(int(r["correct"])) for r in evaluations[s][budget][condition])
+                                            for s in seeds]
+                                for condition in evaluations[seeds[0]][budget] if condition != "norms"}
             if "teacher_forced" in evaluations[seeds[0]][budget]:
                 tf = np.array(_correct_array(evaluations, seeds, budget, "teacher_forced"))
                 mean, low, high = bootstrap.interval(tf)
@@ -434,6 +442,14 @@ def to_markdown(summary, header: dict, intents: list[dict]) -> str:
             continue
         cells = [f"{e['interventions'][i]['accuracy']:.3f} ({_delta(e['interventions'][i])})" for i in INTERVENTIONS]
         lines.append(f"| {e['variant']} | {e['steps']} | {e['closed_loop']['accuracy']:.3f} | " + " | ".join(cells) + " |")
+    against_pca = [e for e in summary if "vs_pca" in e]
+    if against_pca:
+        lines += ["", "Closed loop against pca at the same budget (paired, 95 % interval; * where it excludes 0):", "",
+                  "| variant | " + " | ".join(f"{b} steps" for b in dict.fromkeys(e["steps"] for e in against_pca))
+                  + " |", "|---|" + "---|" * len(dict.fromkeys(e["steps"] for e in against_pca))]
+        for name in dict.fromkeys(e["variant"] for e in against_pca):
+            lines.append(f"| {name} | " + " | ".join(_delta(e["vs_pca"]) for e in against_pca if e["variant"] == name)
+                         + " |")
     if intents:
         lines += ["", f"What the models generated (seed {intents[0]['seed']}, {intents[0]['steps']} steps, first test "
                   "rows; the span's latents are not text):", "", "| variant | question | gold intent | generated |",
