@@ -1,8 +1,8 @@
 """The offline GAP demo and its study: the named-shape task, every variant trained with `GapSFTTrainer`, evaluated
 closed loop, teacher-forced and under each latent intervention, with 95 % intervals across test rows and seeds.
 
-    python recipes/demo.py           # `make demo`: a small slice (seed 0, budgets 200 and 400 steps, text SFT, pca
-                                     # and the zero-latent control, 100 test rows)
+    python recipes/demo.py           # `make demo`: a small slice (seed 0, budgets 200 and 400 steps, text SFT and
+                                     # pca, 100 test rows)
     python recipes/demo.py --study   # the study: every variant, seeds 0, 1, 2, budgets 100, 200, 400, 800 steps
 
 The task (`trainers.synthetic.make_shape_rows`): an 84x84 board of 3x3 cells holds four shapes (circle, square,
