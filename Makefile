@@ -16,7 +16,7 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test]"
 
 demo: install
-	$(BIN)/python recipes/demo.py
+	OMP_NUM_THREADS=1 $(BIN)/python recipes/demo.py --threads 1
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -146,4 +146,124 @@ def make_synthetic_dataset(
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
-__all__ = ["COLORS", "QUESTION", "crop_cell", "draw_board", "make_synthetic_dataset", "make_synthetic_rows"]
+# ---- the named-shape task (the demo's study) -----------------------------------------------------------------------
+SHAPES = ("circle", "square", "triangle", "cross", "diamond", "bar")
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
+    """One filled `shape` inside `box` = (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=color)
+    elif shape == "cross":
+        t = max(w // 3, 1)
+        draw.rectangle([cx - t / 2, y0, cx + t / 2, y1], fill=color)
+        draw.rectangle([x0, cy - t / 2, x1, cy + t / 2], fill=color)
+    elif shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=color)
+    elif shape == "bar":
+        draw.rectangle([x0, cy - max(h // 6, 1), x1, cy + max(h // 6, 1)], fill=color)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; the shapes are {SHAPES}.")
+
+
+def shape_question(shape: str) -> str:
+    return f"What colour is the {shape}?"
+
+
+def shape_intent(shape: str, row: int, col: int, intent: str = "position") -> str:
+    """The intent text before the span: where to look. `"position"`: "The triangle is in row 2, column 3." (from the
+    question and the image); `"name"`: "Find the triangle." (from the question alone)."""
+    if intent == "name":
+        return f"Find the {shape}."
+    if intent == "position":
+        return f"The {shape} is in row {row + 1}, column {col + 1}."
+    raise ValueError(f"intent must be 'position' or 'name'; got {intent!r}.")
+
+
+def make_shape_rows(
+    num_rows: int = 64,
+    seed: int = 0,
+    image_size: int = 84,
+    grid: int = 3,
+    num_shapes: int = 4,
+    num_colors: int = 4,
+    aux_size: int = 56,
+    exclude_hashes: set | None = None,
+    intent: str = "position",
+) -> list[dict]:
+    """Rows of the named-shape task: a `grid x grid` board on grey holds each of `num_shapes` shapes once, in random
+    cells and random colours (repeats allowed), the other cells empty; the question names one shape ("What colour
+    is the triangle?"), so the answer needs localisation among distractors. Chance is 1 / num_colors. The aux image
+    is the crop of the named shape's cell. The assistant text:
+
+        "The triangle is in row 2, column 3. <|latent|> Answer: red"      (intent="position")
+        "Find the triangle. <|latent|> Answer: red"                         (intent="name")
+
+    Boards are distinct within the call (the question image's bytes are hashed); boards whose hash is in
+    `exclude_hashes` (a training split's) are redrawn, which keeps a test split disjoint from it. Extra columns:
+    `shape`, `cell` ([row, col]), `image_hash`.
+    """
+    if not 1 <= num_colors <= len(COLORS):
+        raise ValueError(f"num_colors must be in [1, {len(COLORS)}]; got {num_colors}.")
+    if not 1 <= num_shapes <= min(len(SHAPES), grid * grid):
+        raise ValueError(f"num_shapes must be in [1, {min(len(SHAPES), grid * grid)}]; got {num_shapes}.")
+    if image_size // grid < 8:
+        raise ValueError(f"image_size={image_size} is too small for a {grid}x{grid} grid.")
+    rng = random.Random(seed)
+    palette, shapes = list(COLORS)[:num_colors], list(SHAPES)[:num_shapes]
+    seen = set(exclude_hashes or ())
+    rows, attempts = [], 0
+    cell = image_size // grid
+    margin = max(cell // 6, 1)
+    while len(rows) < num_rows:
+        attempts += 1
+        if attempts > 100 * num_rows + 1000:
+            raise ValueError(f"could not draw {num_rows} distinct boards (grid {grid}, {num_shapes} shapes, "
+                             f"{num_colors} colours): the task has too few distinct boards.")
+        cells = rng.sample(range(grid * grid), num_shapes)
+        colors = [rng.choice(palette) for _ in shapes]
+        target = rng.randrange(num_shapes)
+        image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+        draw = ImageDraw.Draw(image)
+        for shape, index, color in zip(shapes, cells, colors):
+            r, c = divmod(index, grid)
+            draw_shape(draw, shape, (c * cell + margin, r * cell + margin, (c + 1) * cell - margin - 1,
+                                     (r + 1) * cell - margin - 1), COLORS[color])
+        digest = image_hash(image)
+        if digest in seen:
+            continue
+        seen.add(digest)
+        shape, (r, c), answer = shapes[target], divmod(cells[target], grid), colors[target]
+        question = shape_question(shape)
+        assistant = f"{shape_intent(shape, r, c, intent)} <|latent|> Answer: {answer}"
+        rows.append(dict(
+            images=[image],
+            messages=[
+                {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": assistant}]},
+            ],
+            aux_images=[crop_cell(image, (r, c), grid, aux_size)],
+            answer=answer, question=question, shape=shape, cell=[r, c], image_hash=digest,
+        ))
+    return rows
+
+
+def image_hash(image: Image.Image) -> str:
+    """SHA-256 of an image's mode, size and pixel bytes: equal exactly when two images are pixel-identical."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+__all__ = [
+    "COLORS", "QUESTION", "SHAPES", "crop_cell", "draw_board", "draw_shape", "image_hash", "make_shape_rows",
+    "make_synthetic_dataset", "make_synthetic_rows", "shape_intent", "shape_question",
+]

@@ -1,0 +1,108 @@
+"""The demo and its study (`trainers/demo.py`): held-out splits, the written table / JSON / PNG, the zero-latent
+control, reproducibility. Tiny budgets: the whole file runs in well under a minute on 2 CPU cores."""
+
+import functools
+import json
+import os
+
+import pytest
+import torch
+
+from trainers.demo import CONTROL, SplitOverlapError, check_disjoint, main, make_splits
+from trainers.synthetic import image_hash, make_shape_rows
+
+NOISE_CONTROL = "pca, noise latents (control)"
+
+
+def test_test_split_shares_no_image_with_training_split():
+    train, test = make_splits(256, 64, seed=0)
+    train_hashes = {image_hash(image) for row in train for image in row["images"]}
+    assert len(train_hashes) == len(train)  # boards are distinct within a split too
+    assert not any(image_hash(image) in train_hashes for row in test for image in row["images"])
+    assert len({row["answer"] for row in test}) > 1 and len({tuple(row["cell"]) for row in test}) > 1
+    # the check fails the run, not a warning, when a test board is pixel-identical to a training board
+    copy = dict(test[0], images=[train[5]["images"][0].copy()])
+    with pytest.raises(SplitOverlapError, match="1 of 3 test rows"):
+        check_disjoint(train, [test[1], copy, test[2]])
+    # drawing with the training hashes excluded redraws colliding boards
+    again = make_shape_rows(16, seed=0, exclude_hashes={row["image_hash"] for row in train[:8]})
+    assert not {row["image_hash"] for row in again} & {row["image_hash"] for row in train[:8]}
+
+
+def test_intent_states_where_to_look():
+    row = make_shape_rows(1, seed=3)[0]
+    r, c = row["cell"]
+    text = row["messages"][1]["content"][0]["text"]
+    assert text.startswith(f"The {row['shape']} is in row {r + 1}, column {c + 1}. <|latent|> Answer: ")
+    assert row["question"] == f"What colour is the {row['shape']}?"
+    named = make_shape_rows(1, seed=3, intent="name")[0]
+    assert named["messages"][1]["content"][0]["text"].startswith(f"Find the {row['shape']}. <|latent|>")
+
+
+def _tiny_study(output_dir, *options):
+    torch.set_num_threads(1)
+    return main(["--study", "--output_dir", str(output_dir), "--train_rows", "16", "--test_rows", "6",
+                 "--max_new_tokens", "16", "--logging_steps", "2", *options])
+
+
+def test_study_writes_table_json_png_and_the_control_shows_no_effect(tmp_path):
+    """At a tiny budget: the files, strict JSON, intervals, and the zero-latent control's intervention effects all
+    inside intervals that hold 0 (the study itself measures the controls at real budgets)."""
+    _tiny_study(tmp_path / "a", "--seeds", "0", "1", "--budgets", "2", "4", "--variants", "pca", CONTROL)
+    for name in ("results.md", "results.json", "accuracy.png"):
+        assert os.path.getsize(tmp_path / "a" / name) > 0
+    strict = json.loads((tmp_path / "a" / "results.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert [(e["variant"], e["steps"]) for e in strict["summary"]] == [
+        (v, s) for v in ("text SFT", "pca", CONTROL) for s in (2, 4)]
+    markdown = (tmp_path / "a" / "results.md").read_text()
+    assert "nan" not in markdown.lower() and "| pca, zero latents (control) | 4 |" in markdown
+    for entry in strict["summary"]:
+        assert entry["closed_loop"]["ci_low"] <= entry["closed_loop"]["accuracy"] <= entry["closed_loop"]["ci_high"]
+        if entry["variant"] == CONTROL:
+            for effect in entry["interventions"].values():
+                assert not effect["outside_interval"] and effect["ci_low"] <= 0 <= effect["ci_high"]
+
+
+def test_same_seed_and_flags_reproduce_the_same_numbers(tmp_path):
+    options = ("--seeds", "1", "--budgets", "3", "--variants", NOISE_CONTROL, "--no_save")
+    first, second = _tiny_study(tmp_path / "a", *options), _tiny_study(tmp_path / "b", *options)
+    assert first["summary"] == second["summary"]
+    assert (tmp_path / "a" / "results.md").read_text().split("\n")[2:] == \
+        (tmp_path / "b" / "results.md").read_text().split("\n")[2:]
+
+
+def test_control_trains_with_zero_latents(monkeypatch):
+    """The zero control's trainer feeds zeros at every latent slot, the noise control noise, pca the targets."""
+    from trainers import demo
+
+    fed = []
+    from modeling_gap import GapQwen2_5VLForConditionalGeneration
+
+    original = GapQwen2_5VLForConditionalGeneration.forward
+
+    @functools.wraps(original)
+    def spy(self, *args, **kwargs):
+        if self.training and kwargs.get("latent_inputs") is not None:
+            fed.append(kwargs["latent_inputs"].abs().max().item())
+        elif self.training:
+            fed.append(None)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GapQwen2_5VLForConditionalGeneration, "forward", spy)
+    torch.set_num_threads(1)
+    args = demo.parse_args(["--train_rows", "8", "--test_rows", "2", "--max_new_tokens", "4"])
+    train, test = make_splits(8, 2, seed=0)
+    expected = {CONTROL: lambda v: v == 0.0, NOISE_CONTROL: lambda v: v is not None and v > 0,
+                "pca": lambda v: v is None}
+    for name, check in expected.items():
+        fed.clear()
+        demo.train_variant(name, train, [r["images"][0] for r in train], test, args, 0, [2], str(_tmp()),
+                           lambda message: None)
+        assert fed and all(check(value) for value in fed), (name, fed)
+
+
+def _tmp():
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="gap-demo-test-")
