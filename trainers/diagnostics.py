@@ -208,7 +208,7 @@ def draw_lens(image, maps: torch.Tensor, path: str, title: str = ""):
             ax.axis("off")
     if heat is not None:
         fig.colorbar(heat, ax=axes.ravel().tolist(), shrink=0.8, label="cosine similarity to visual token")
-    title = "".join(ch if ch.isprintable() else " " for ch in title)
+    title = "\n".join("".join(ch if ch.isprintable() else " " for ch in line) for line in title.split("\n"))
     if not spans:
         title = f"{title}\nno latent span generated: nothing to draw"
     fig.suptitle(title, fontsize=8)
