@@ -18,7 +18,11 @@ Runs with the main environment (`make install`): it builds tiny (text width 128,
 The forcing processor runs after the plugin's span processor (vLLM applies `LLM(logits_processors=...)` after
 entry-point processors); the plugin's span state follows the tokens actually sampled, so the two compose. `spans`
 counts the spans opened (a start followed by a slot), `slots` the `<|latent_pad|>` tokens (the random weights also
-sample that token outside spans, where it is a plain token). `--threads N` pins every system to N threads
+sample that token outside spans, where it is a plain token). Each row is timed `--repeats` times (default 3) and
+the fastest run is reported (all are kept in the JSON), in wall-clock tokens/s and in tokens per CPU-second of
+the process (engine and worker share it: `VLLM_ENABLE_V1_MULTIPROCESSING=0`), which a shared machine disturbs
+less; the vLLM systems of one checkpoint share the process and their runs alternate, so a change of load hits all
+of them. `--threads N` pins every system to N threads
 (`OMP_NUM_THREADS`, `torch.set_num_threads`, `VLLM_CPU_OMP_THREADS_BIND=0-(N-1)`); the load average is recorded.
 
 On a GPU: `make install-vllm VLLM=vllm==<version> TORCH=torch==<its torch>` then the same command with
@@ -82,7 +86,7 @@ def count_spans(tokens: list, start_id: int, pad_id: int) -> tuple[int, int]:
     return spans, tokens.count(pad_id)
 
 
-def time_gap_generate(paths: dict, new_tokens: int, device: str) -> list:
+def time_gap_generate(paths: dict, new_tokens: int, device: str, repeats: int) -> list:
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -114,19 +118,24 @@ def time_gap_generate(paths: dict, new_tokens: int, device: str) -> list:
                 options["cache_implementation"] = "static"
             with torch.no_grad():
                 model.generate(**inputs, **{**options, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
-                start = time.perf_counter()
-                out = model.generate(**inputs, **options)
-                seconds = time.perf_counter() - start
+                times, cpu_times = [], []
+                for _ in range(repeats):
+                    start, cpu = time.perf_counter(), time.process_time()
+                    out = model.generate(**inputs, **options)
+                    times.append(time.perf_counter() - start)
+                    cpu_times.append(time.process_time() - cpu)
             generated = out[:, inputs["input_ids"].shape[1]:].tolist()
             counts = [count_spans(t, info["start_id"], info["pad_id"]) for t in generated]
             rows.append(dict(size=name, batch=batch, system="GAP generate", tokens=sum(map(len, generated)),
-                             seconds=seconds, spans=sum(c[0] for c in counts), slots=sum(c[1] for c in counts)))
+                             seconds=min(times), all_seconds=times, cpu_seconds=min(cpu_times),
+                             all_cpu_seconds=cpu_times, spans=sum(c[0] for c in counts),
+                             slots=sum(c[1] for c in counts)))
             print(rows[-1], flush=True)
     return rows
 
 
 # ---- vLLM environment ------------------------------------------------------------------------------------------
-def vllm_worker(paths: dict, new_tokens: int) -> list:
+def vllm_worker(paths: dict, new_tokens: int, repeats: int) -> list:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
     from vllm import LLM, SamplingParams
@@ -167,30 +176,42 @@ def vllm_worker(paths: dict, new_tokens: int) -> list:
     import vllm
 
     rows = []
+    systems = (("stock vLLM", "stock", None), ("GAP plugin, no spans", "gap", {"latent_intervention": "drop"}),
+               ("GAP plugin", "gap", None))
     for name, info in paths.items():
         SpanEvery.start_id = info["start_id"]
-        for system, model, extra in (("stock vLLM", info["stock"], None),
-                                     ("GAP plugin, no spans", info["gap"], {"latent_intervention": "drop"}),
-                                     ("GAP plugin", info["gap"], None)):
-            llm = LLM(model=model, dtype="float32", max_model_len=1024, max_num_seqs=max(BATCHES), seed=0,
-                      enforce_eager=True, enable_prefix_caching=False, block_size=32,
-                      kv_cache_memory_bytes=256 << 20, logits_processors=[SpanEvery])
-            for batch in BATCHES:
-                prompts = [info["prompts"][i % len(info["prompts"])] for i in range(batch)]
-                params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True,
-                                        extra_args=extra)
-                llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
-                                                     extra_args=extra), use_tqdm=False)  # warm-up
-                start = time.perf_counter()
-                outs = llm.generate(prompts, params, use_tqdm=False)
-                seconds = time.perf_counter() - start
-                tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-                counts = [count_spans(list(o.outputs[0].token_ids), info["start_id"], info["pad_id"]) for o in outs]
-                rows.append(dict(size=name, batch=batch, system=system, tokens=tokens, seconds=seconds,
-                                 spans=sum(c[0] for c in counts), slots=sum(c[1] for c in counts),
-                                 vllm=vllm.__version__))
-                print(rows[-1], flush=True)
-            del llm
+        # One engine per checkpoint (the two GAP rows differ only in their per-request options), all alive at once
+        # so that the systems' runs interleave (round-robin) and share the machine's load.
+        engines = {kind: LLM(model=info[kind], dtype="float32", max_model_len=1024, max_num_seqs=max(BATCHES),
+                             seed=0, enforce_eager=True, enable_prefix_caching=False, block_size=32,
+                             kv_cache_memory_bytes=256 << 20, logits_processors=[SpanEvery])
+                   for kind in ("stock", "gap")}
+        for batch in BATCHES:
+            prompts = [info["prompts"][i % len(info["prompts"])] for i in range(batch)]
+            times, cpu_times, stats = {s: [] for s, _, _ in systems}, {s: [] for s, _, _ in systems}, {}
+            for system, kind, extra in systems:  # warm-up
+                engines[kind].generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                               extra_args=extra), use_tqdm=False)
+            for _ in range(repeats):
+                for system, kind, extra in systems:
+                    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True,
+                                            extra_args=extra)
+                    start, cpu = time.perf_counter(), time.process_time()
+                    outs = engines[kind].generate(prompts, params, use_tqdm=False)
+                    times[system].append(time.perf_counter() - start)
+                    cpu_times[system].append(time.process_time() - cpu)
+                    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                    counts = [count_spans(list(o.outputs[0].token_ids), info["start_id"], info["pad_id"])
+                              for o in outs]
+                    print(system, batch, name, f"{times[system][-1]:.2f} s, CPU {cpu_times[system][-1]:.2f} s",
+                          flush=True)
+                    stats[system] = dict(size=name, batch=batch, system=system, tokens=tokens,
+                                         spans=sum(c[0] for c in counts), slots=sum(c[1] for c in counts),
+                                         vllm=vllm.__version__)
+            for system, _, _ in systems:
+                rows.append(dict(stats[system], seconds=min(times[system]), all_seconds=times[system],
+                                 cpu_seconds=min(cpu_times[system]), all_cpu_seconds=cpu_times[system]))
+        del engines
     return rows
 
 
@@ -199,6 +220,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="pin every system to this many threads (CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row; the fastest is reported")
     parser.add_argument("--out", default=str(REPO / "outputs" / "vllm_serving.json"))
     parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     parser.add_argument("--vllm-worker", help=argparse.SUPPRESS)
@@ -211,7 +233,7 @@ def main():
         torch.set_num_threads(args.threads)
     if args.vllm_worker:
         paths = json.loads(Path(args.vllm_worker).read_text())
-        rows = vllm_worker(paths, args.new_tokens)
+        rows = vllm_worker(paths, args.new_tokens, args.repeats)
         Path(args.vllm_worker + ".out").write_text(json.dumps(rows))
         return
     load = [os.getloadavg()]
@@ -220,28 +242,31 @@ def main():
         paths = build_checkpoints(Path(tmp))
         spec = Path(tmp) / "paths.json"
         spec.write_text(json.dumps(paths))
-        subprocess.run([args.vllm_python, __file__, "--vllm-worker", str(spec), "--new-tokens",
-                        str(args.new_tokens)] + (["--threads", str(args.threads)] if args.threads else []),
-                       check=True, env={**os.environ, "PYTHONPATH": ""})
+        worker = [args.vllm_python, __file__, "--vllm-worker", str(spec), "--new-tokens", str(args.new_tokens),
+                  "--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
+        subprocess.run(worker, check=True, env={**os.environ, "PYTHONPATH": ""})
         load.append(os.getloadavg())
         rows = json.loads(Path(str(spec) + ".out").read_text())
-        rows += time_gap_generate(paths, args.new_tokens, args.device)
+        rows += time_gap_generate(paths, args.new_tokens, args.device, args.repeats)
         load.append(os.getloadavg())
     for row in rows:
         row["tokens_per_s"] = row["tokens"] / row["seconds"]
+        row["tokens_per_cpu_s"] = row["tokens"] / row["cpu_seconds"]
     result = dict(rows=rows, machine=dict(platform=platform.platform(), processor=platform.processor(),
                                           cpus=os.cpu_count(), threads=os.environ.get("OMP_NUM_THREADS"),
                                           load_average_start_vllm_end=load),
-                  started=started, new_tokens=args.new_tokens, span_every=SPAN_EVERY, k=K)
+                  started=started, new_tokens=args.new_tokens, span_every=SPAN_EVERY, k=K, repeats=args.repeats)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    stock = {(r["size"], r["batch"]): r["tokens_per_s"] for r in rows if r["system"] == "stock vLLM"}
-    print("| size | batch | system | tokens/s | x stock vLLM | spans | slots |")
-    print("|---|---|---|---|---|---|---|")
+    stock = {(r["size"], r["batch"]): r for r in rows if r["system"] == "stock vLLM"}
+    print("| size | batch | system | tokens/s | x stock vLLM | tokens/CPU-s | x stock vLLM | spans | slots |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in sorted(rows, key=lambda r: (r["size"], r["batch"], r["system"])):
-        ratio = row["tokens_per_s"] / stock[(row["size"], row["batch"])] if stock else float("nan")
-        print(f"| {row['size']} | {row['batch']} | {row['system']} | {row['tokens_per_s']:.0f} | {ratio:.2f} "
-              f"| {row.get('spans', '')} | {row.get('slots', '')} |")
+        base = stock.get((row["size"], row["batch"]))
+        wall = row["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        cpu = row["tokens_per_cpu_s"] / base["tokens_per_cpu_s"] if base else float("nan")
+        print(f"| {row['size']} | {row['batch']} | {row['system']} | {row['tokens_per_s']:.0f} | {wall:.2f} "
+              f"| {row['tokens_per_cpu_s']:.0f} | {cpu:.2f} | {row['spans']} | {row['slots']} |")
     print("load average (1, 5, 15 min) at start / after vLLM / at end:", load)
 
 
