@@ -70,6 +70,31 @@ def first_span(tokens, start_id):
     return tokens.index(start_id) if start_id in tokens else None
 
 
+def stray_pads(tokens, ids, k):
+    """Positions of `<|latent_pad|>` tokens outside a span (fixed rule: start, K slots, end)."""
+    pad_id, start_id, _ = ids
+    stray, slots = [], 0
+    for i, t in enumerate(tokens):
+        if slots:
+            slots -= 1
+        elif t == start_id:
+            slots = k
+        elif t == pad_id:
+            stray.append(i)
+    return stray
+
+
+class PadBias:
+    """A logits processor adding `bias` to `<|latent_pad|>` (vLLM: `SamplingParams(logit_bias=...)`)."""
+
+    def __init__(self, pad_id, bias):
+        self.pad_id, self.bias = pad_id, bias
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.pad_id] += self.bias
+        return scores
+
+
 def main(out_dir):
     torch.manual_seed(0)
     model, processor = build_tiny_gap(seed=3, num_latent_tokens=4, latent_feedback="pca")
@@ -134,6 +159,18 @@ def main(out_dir):
             break
     refs["image_prompt"] = image_prompt
     cases["image_zero"] = generate(model, processor, [image_prompt], image=image, latent_intervention="zero")[0]
+    # A model may sample <|latent_pad|> outside a span (a plain token, fed its token embedding): bias it until
+    # several rows do, one of them with spans too, while some rows have none.
+    from transformers import LogitsProcessorList
+
+    for bias in (0.2, 0.25, 0.3, 0.35):
+        trial = generate(model, processor, prompts, logits_processor=LogitsProcessorList([PadBias(pad_id, bias)]))
+        stray = [stray_pads(t, (pad_id, start_id, end_id), 4) for t in trial]
+        if sum(map(bool, stray)) >= 2 and not all(stray) and any(s and start_id in t for s, t in zip(stray, trial)):
+            refs["pad_bias"], cases["stray_pad"] = bias, trial
+            break
+    else:
+        raise SystemExit("no <|latent_pad|> bias gives slot tokens outside spans; change the seed")
     model.config.latent_span_rule, model.config.latent_max_tokens = "sampled_end", 6
     cases["sampled_end"] = generate(model, processor, prompts)
     model.config.latent_span_rule, model.config.latent_max_tokens = "fixed", None

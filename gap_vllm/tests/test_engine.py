@@ -107,3 +107,18 @@ def test_preemption_replays_latents(llm, fixtures):
     got = [list(o.outputs[0].token_ids) for o in outputs]
     assert processor.resumed > before, "the KV cache was large enough: no request was preempted"
     assert got == refs
+
+
+def test_slot_token_sampled_outside_a_span(llm, fixtures):
+    """A model may sample `<|latent_pad|>` outside a span (here: a logit bias makes it): it is a plain token fed
+    its token embedding, as in GAP generate; the engine must not fail for want of a latent (issue 16's benchmark
+    stopped on `no latent was recorded for the latent slot at sequence index 84`)."""
+    from vllm import SamplingParams
+
+    ref = fixtures["cases"]["stray_pad"]
+    params = SamplingParams(temperature=0, max_tokens=fixtures["max_new_tokens"],
+                            logit_bias={fixtures["ids"]["pad"]: fixtures["pad_bias"]})
+    outputs = llm.generate(fixtures["prompts"], params, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == ref
+    dropped, _ = run(llm, fixtures["prompts"], fixtures["max_new_tokens"], latent_intervention="drop")
+    assert dropped == fixtures["cases"]["drop"]  # the engine serves on

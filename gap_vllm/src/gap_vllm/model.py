@@ -12,7 +12,8 @@ attention metadata gives each row's tokens (`query_start_loc`) and sequence leng
   `latent_head(final hidden state of its last token)` (after the request's intervention) recorded as the vector of
   sequence index `seq_len`;
 - before it runs, every `<|latent_pad|>` token at sequence index j takes the vector recorded for j in place of its
-  token embedding (the runner passes the raw ids because `requires_raw_input_tokens = True`).
+  token embedding (the runner passes the raw ids because `requires_raw_input_tokens = True`); a `<|latent_pad|>`
+  the model sampled outside a span keeps its token embedding, as in GAP generate.
 
 Recording by sequence index makes the vectors survive preemption: a recomputed request replays exactly what it was
 fed (chunked prefill included). Nothing of vLLM is patched; the model only reads the forward context.
@@ -150,6 +151,8 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
                 )
             vector = state.latents.get(index)
             if vector is None:
+                if index in state.plain:
+                    continue  # a slot token sampled outside a span: a plain token (its token embedding)
                 if index < state.prompt_len and state.invalid:
                     continue  # a prompt with latent slots: the span processor ends the request at once
                 raise RuntimeError(

@@ -66,7 +66,7 @@ class RequestState:
     computed when the state at j - 1 is, and kept so that a preempted request replays the same vectors."""
 
     __slots__ = ("params", "prompt_len", "output", "seen", "slots_left", "end_due", "spans", "options",
-                 "greedy", "temperature", "invalid", "latents", "span_rule", "max_latents")
+                 "greedy", "temperature", "invalid", "latents", "plain", "span_rule", "max_latents")
 
     def __init__(self, spec: GapSpec, params, prompt_ids, output_ids):
         self.params = params
@@ -78,6 +78,9 @@ class RequestState:
         self.output = output_ids
         self.seen = 0
         self.latents: dict[int, torch.Tensor] = {}
+        # Sequence indices of `<|latent_pad|>` tokens generated outside a span (a model may sample the slot token
+        # freely): they are plain tokens, fed their token embedding, as in GAP generate.
+        self.plain: set[int] = set()
         # A prompt may end in `<|latent_start|>` (it then opens a span); latent slots inside a prompt cannot be fed
         # (no vector is given for them), so such a request is ended at once.
         self.invalid = spec.pad_id in prompt
@@ -96,20 +99,31 @@ class RequestState:
         return self.options["feedback"] or spec.feedback
 
     def advance(self, spec: GapSpec):
-        """Fold the tokens sampled since the last call into the span state (GAP generate's rule)."""
-        new = self.output[self.seen:]
+        """Fold the tokens sampled since the last call into the span state (GAP generate's rule).
+
+        The state follows the tokens actually sampled, not the ones this processor forced: a logits processor that
+        runs after it (vLLM applies `LLM(logits_processors=...)` after the entry-point ones) can override a forced
+        token. A `<|latent_start|>` sampled while no span may open (`drop`, `max_latent_spans` reached) opens none
+        (GAP generate: "drop and max_latent_spans win over every logits processor"); a `<|latent_pad|>` outside a
+        span is a plain token."""
+        first = self.seen
+        new = self.output[first:]
         self.seen = len(self.output)
-        for token in new:
+        for offset, token in enumerate(new):
+            slot = False
             if self.slots_left > 0:
                 if token == spec.pad_id:
                     self.slots_left -= 1
                     self.end_due = self.slots_left == 0
+                    slot = True
                 else:  # the end token (sampled_end), or anything a stop condition let through
                     self.slots_left, self.end_due = 0, False
             elif self.end_due:
                 self.end_due = False
-            elif token == spec.start_id:
+            elif token == spec.start_id and self.can_open():
                 self.slots_left, self.spans = self.max_latents, self.spans + 1
+            if token == spec.pad_id and not slot:
+                self.plain.add(self.prompt_len + first + offset)
 
     def can_open(self) -> bool:
         if self.options["intervention"] == "drop":

@@ -1,0 +1,44 @@
+"""The per-request span state follows the tokens actually sampled (no engine): a logits processor that runs after
+the plugin's (vLLM applies `LLM(logits_processors=...)` after the entry-point ones) may override what it forced."""
+
+from vllm import SamplingParams
+
+from gap_vllm.config import GapSpec
+from gap_vllm.spans import RequestState
+
+PAD, START, END, K = 270, 271, 272, 4
+SPEC = GapSpec(pad_id=PAD, start_id=START, end_id=END, num_latent_tokens=K, max_latents=K, span_rule="fixed",
+               feedback="pca", hidden_size=8, pca_rank=4, rms_norm_eps=1e-6)
+PROMPT = [1, 2, 3]
+
+
+def state(**extra):
+    output = []
+    return RequestState(SPEC, SamplingParams(extra_args=extra or None), PROMPT, output), output
+
+
+def test_forced_start_opens_no_span_under_drop():
+    s, output = state(latent_intervention="drop")
+    output += [5, START]  # another processor forced <|latent_start|> although drop blocks it
+    s.advance(SPEC)
+    assert s.slots_left == 0 and s.spans == 0 and not s.end_due
+
+
+def test_forced_start_opens_no_span_past_max_latent_spans():
+    s, output = state(max_latent_spans=1)
+    output += [START] + [PAD] * K + [END]
+    s.advance(SPEC)
+    assert s.spans == 1 and s.slots_left == 0 and not s.plain
+    output.append(START)
+    s.advance(SPEC)
+    assert s.spans == 1 and s.slots_left == 0
+
+
+def test_slot_token_outside_a_span_is_plain():
+    s, output = state()
+    output += [PAD, 7, START]
+    s.advance(SPEC)
+    assert s.plain == {len(PROMPT)} and s.slots_left == K
+    output += [PAD] * K + [END, PAD]
+    s.advance(SPEC)
+    assert s.plain == {len(PROMPT), len(PROMPT) + 3 + K + 1} and s.slots_left == 0 and not s.end_due
