@@ -45,9 +45,9 @@ def _tiny_study(output_dir, *options):
                  "--max_new_tokens", "16", "--logging_steps", "2", *options])
 
 
-def test_study_writes_table_json_png_and_the_control_shows_no_effect(tmp_path):
-    """At a tiny budget: the files, strict JSON, intervals, and the zero-latent control's intervention effects all
-    inside intervals that hold 0 (the study itself measures the controls at real budgets)."""
+def test_study_writes_table_json_and_png_with_intervals(tmp_path):
+    """At a tiny budget: the files, strict JSON, a row per variant and budget, intervals around each accuracy and
+    each intervention effect (the control's effects at a real budget: the slow test below)."""
     _tiny_study(tmp_path / "a", "--seeds", "0", "1", "--budgets", "2", "4", "--variants", "pca", CONTROL)
     for name in ("results.md", "results.json", "accuracy.png"):
         assert os.path.getsize(tmp_path / "a" / name) > 0
@@ -59,9 +59,24 @@ def test_study_writes_table_json_png_and_the_control_shows_no_effect(tmp_path):
     assert "nan" not in markdown.lower() and "| pca, zero latents (control) | 4 |" in markdown
     for entry in strict["summary"]:
         assert entry["closed_loop"]["ci_low"] <= entry["closed_loop"]["accuracy"] <= entry["closed_loop"]["ci_high"]
-        if entry["variant"] == CONTROL:
-            for effect in entry["interventions"].values():
-                assert not effect["outside_interval"] and effect["ci_low"] <= 0 <= effect["ci_high"]
+        for effect in entry.get("interventions", {}).values():  # latent variants only
+            assert effect["ci_low"] <= effect["ci_high"]
+    assert all("interventions" in e for e in strict["summary"] if e["variant"] != "text SFT")
+
+
+@pytest.mark.slow
+def test_the_metric_tells_used_latents_from_a_control_that_carries_none(tmp_path):
+    """At a budget where pca has learned (400 steps, the make-demo slice's), zeroing or shuffling its latents costs
+    accuracy beyond the interval, while the same interventions on the noise-latent control (trained with noise at
+    the latent slots: its latents carry nothing) stay within intervals that hold 0."""
+    torch.set_num_threads(1)
+    result = main(["--study", "--output_dir", str(tmp_path), "--seeds", "0", "--budgets", "400", "--test_rows", "100",
+                   "--variants", "pca", NOISE_CONTROL, "--no_save"])
+    by_variant = {e["variant"]: e for e in result["summary"]}
+    for name in ("zero", "shuffle"):
+        used, unused = by_variant["pca"]["interventions"][name], by_variant[NOISE_CONTROL]["interventions"][name]
+        assert used["outside_interval"] and used["ci_high"] < 0, (name, used)
+        assert not unused["outside_interval"] and unused["ci_low"] <= 0 <= unused["ci_high"], (name, unused)
 
 
 def test_same_seed_and_flags_reproduce_the_same_numbers(tmp_path):

@@ -41,7 +41,7 @@ from PIL import Image
 
 from modeling_gap.configuration_gap import LATENT_MARKER
 
-from .schema import ROLES, remove_latent_markers
+from .schema import ROLES, count_markers, remove_latent_markers
 
 ROW_INDEX_COLUMN = "gap_row_index"
 
@@ -545,11 +545,7 @@ def validate_gap_dataset(
                 errors.append(error)
             continue
         spans = int((encoded["input_ids"] == collator.latent_start_id).sum())
-        markers = sum(
-            str(p.get("text") or "").count(collator.marker) if isinstance(p, Mapping) else 0
-            for m in row["messages"]
-            for p in (m["content"] if isinstance(m["content"], (list, tuple)) else [{"text": m["content"]}])
-        )
+        markers = count_markers(row["messages"], collator.marker)  # a valid row has them in assistant turns only
         summary["spans"] += spans
         summary["rows_with_latent"] += spans > 0
         summary["plain_text_rows"] += markers > 0 and spans == 0
