@@ -26,6 +26,9 @@ from .configuration_gap import GapQwen2_5VLConfig
 from .generation_gap import GapGenerationMixin
 
 
+# Attention implementations that keep the rows of a padding-free batch apart (transformers builds a block-diagonal
+# causal mask from the restarting positions for the first three, and variable-length kernels for flash-attention).
+PADDING_FREE_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention")
 PCA_SCALE_FLOOR = 1e-2  # smallest per-direction std kept, relative to the largest
 # `from_pretrained` options that locate a checkpoint's config (forwarded to read its model type).
 _HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
@@ -399,6 +402,60 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
             )
         return latent_targets
 
+    # ---- padding-free batches ------------------------------------------------------------------------------
+    def padding_free_position_ids(
+        self,
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+    ) -> torch.LongTensor:
+        """(batch, seq) ids of rows concatenated without padding, with (batch, seq) `position_ids` that restart at 0
+        where each row starts (as `DataCollatorWithFlattening` and TRL's padding-free collator give them) ->
+        (4, batch, seq) positions: the per-row text positions (transformers reads them to keep attention within each
+        row: a block-diagonal causal mask for eager / sdpa / flex attention, variable-length kernels for
+        flash-attention), then the three M-RoPE axes computed for each row on its own, exactly as in a padded batch.
+        """
+        implementation = self.config._attn_implementation
+        if not any(name in implementation for name in PADDING_FREE_ATTENTION):
+            raise ValueError(
+                f"Padding-free batches need an attention implementation that keeps attention within each row "
+                f"({', '.join(PADDING_FREE_ATTENTION)}); this model uses {implementation!r}: load it with one of "
+                "those (`attn_implementation=`) or train with padded batches (padding_free=False)."
+            )
+        position_ids = position_ids.to(input_ids.device)
+        starts = position_ids == 0
+        if not bool(starts[:, 0].all()):
+            raise ValueError("Padding-free position_ids must start at 0 in every batch row (each row restarts at 0).")
+        lengths = []  # lengths of the rows, in order, over the whole batch
+        for row_starts in starts:
+            begin = row_starts.nonzero().flatten().tolist() + [row_starts.shape[0]]
+            lengths.extend(b - a for a, b in zip(begin[:-1], begin[1:]))
+        if mm_token_type_ids is None or (image_grid_thw is None and video_grid_thw is None):
+            rope = position_ids[None].expand(3, -1, -1)
+        else:
+            # One padded (rows, longest) view, one `get_rope_index` call: it walks the rows and their images in order.
+            flat_ids = input_ids.reshape(-1)
+            flat_types = mm_token_type_ids.to(input_ids.device).reshape(-1)
+            longest = max(lengths)
+            padded_ids = flat_ids.new_zeros(len(lengths), longest)
+            padded_types = flat_types.new_zeros(len(lengths), longest)
+            mask = torch.zeros(len(lengths), longest, dtype=torch.long, device=input_ids.device)
+            offset = 0
+            for row, length in enumerate(lengths):
+                padded_ids[row, :length] = flat_ids[offset : offset + length]
+                padded_types[row, :length] = flat_types[offset : offset + length]
+                mask[row, :length] = 1
+                offset += length
+            padded_rope, _ = self.model.get_rope_index(
+                padded_ids, mm_token_type_ids=padded_types, image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts, attention_mask=mask,
+            )
+            rope = padded_rope[:, mask.bool()].reshape(3, *input_ids.shape)
+        return torch.cat([position_ids[None], rope.to(position_ids.dtype)])
+
     # ---- forward ------------------------------------------------------------------------------------------
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -445,6 +502,12 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
         slots = targets = aux_features = None
         if input_ids is not None and (cache is None or cache.get_seq_length() == 0):
             slots = self.latent_slot_mask(input_ids)
+            if attention_mask is None and position_ids is not None and position_ids.ndim == 2:
+                # Padding-free rows (concatenated, positions restarting per row): per-row M-RoPE positions.
+                position_ids = self.padding_free_position_ids(
+                    input_ids, position_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, second_per_grid_ts
+                )
+                use_cache = False  # transformers keeps the rows apart only without a cache
         encode_aux = slots is not None and latent_targets is None and aux_pixel_values is not None
         if pixel_values is not None and mm_encoder_outputs is None:
             mm_encoder_outputs, aux_features = self._encode_images(
