@@ -41,7 +41,7 @@ from PIL import Image
 
 from modeling_gap.configuration_gap import LATENT_MARKER
 
-from .schema import ROLES, count_markers, remove_latent_markers
+from .schema import ROLES, remove_latent_markers, row_format, row_markers, row_messages
 
 ROW_INDEX_COLUMN = "gap_row_index"
 
@@ -126,6 +126,10 @@ class PreparedRow:
     aux_images: list[Image.Image]
     use_latent: bool
     num_markers: int
+    kind: str = "messages"  # the row's format (`trainers.schema.row_format`)
+    num_prompt_messages: int | None = None  # conversational prompt-completion: the prompt's messages
+    text: str | None = None  # text rows: the text to encode (markers kept or removed by capacity)
+    prompt_text: str | None = None  # string prompt-completion: the prompt part of `text`
 
 
 class GapDataCollator:
@@ -150,6 +154,18 @@ class GapDataCollator:
             tokenizer from reading it as the control token).
         return_row_indices (`bool`, defaults to `False`): add `gap_row_indices` (the dataset row of each batch
             position) to the batch, for a trainer to name rows in errors (not a forward argument: pop it first).
+        assistant_only_loss (`bool`, *optional*): which tokens of a conversational row are labels. `None` (GAP's
+            default): the assistant turns of `messages` rows, the completion of prompt-completion rows. `True`: the
+            assistant turns only (a text row is then an error, as in TRL). `False`: the whole conversation, as TRL
+            trains it (system, user turns and image tokens included; latent slots are never labels).
+        completion_only_loss (`bool`, *optional*): prompt-completion rows: `None` / `True` supervise the completion
+            only (TRL's default), `False` the prompt too. `True` on a `messages` or text row is an error, as in TRL.
+        dataset_text_field (`str`, defaults to `"text"`): the column of plain-text rows.
+        formatting_func (`callable`, *optional*): row -> string: each row is trained as that text (TRL's
+            `formatting_func`; the row's images and aux images are kept).
+        padding_free (`bool`, defaults to `False`): concatenate the rows into one batch row without padding: no
+            `attention_mask`, `position_ids` (1, total) restarting at 0 where each row starts (the model computes each
+            row's M-RoPE positions and keeps attention within rows), the first label of each row -100.
     """
 
     def __init__(
@@ -161,7 +177,19 @@ class GapDataCollator:
         pad_to_multiple_of: int | None = None,
         escape_special_tokens: bool = False,
         return_row_indices: bool = False,
+        assistant_only_loss: bool | None = None,
+        completion_only_loss: bool | None = None,
+        dataset_text_field: str = "text",
+        formatting_func=None,
+        padding_free: bool = False,
     ):
+        if padding_free and pad_to_multiple_of:
+            raise ValueError("pad_to_multiple_of pads rows, which padding_free=True concatenates: set one of them.")
+        self.assistant_only_loss = assistant_only_loss
+        self.completion_only_loss = completion_only_loss
+        self.dataset_text_field = dataset_text_field
+        self.formatting_func = formatting_func
+        self.padding_free = padding_free
         self.processor = processor
         self.escape_special_tokens = escape_special_tokens
         self.return_row_indices = return_row_indices
@@ -284,12 +312,46 @@ class GapDataCollator:
         """Check one row and normalise it (steps 1-3 of the module docstring). Raises `GapDataError`."""
         if not isinstance(row, Mapping):
             raise GapDataError(index, f"the row is a {_type_name(row)}, not a dict of columns.")
-        if "messages" not in row:
-            raise GapDataError(index, f"no 'messages' column (columns: {sorted(row)}).")
-        raw_messages = row["messages"]
-        if not isinstance(raw_messages, (list, tuple)) or not raw_messages:
+        if self.formatting_func is not None:
+            try:
+                formatted = self.formatting_func(row)
+            except Exception as error:
+                raise GapDataError(index, f"formatting_func failed ({_type_name(error)}: {error}).") from error
+            if not isinstance(formatted, str):
+                raise GapDataError(index, f"formatting_func must return a string; got {_type_name(formatted)}.")
+            row = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
+            row[self.dataset_text_field] = formatted
+        kind = row_format(row, self.dataset_text_field)
+        if kind is None:
+            if "input_ids" in row:
+                raise GapDataError(
+                    index, "pre-tokenized rows (input_ids) cannot carry GAP's images, aux images and latent spans, "
+                    "which the collator encodes: give `messages`, `prompt`/`completion` or text rows."
+                )
+            if "messages" in row:
+                raise GapDataError(index, "messages is missing (None).")
             raise GapDataError(
-                index, f"messages must be a non-empty list of {{role, content}} dicts; got {_type_name(raw_messages)}."
+                index, f"no 'messages', 'prompt'/'completion' or '{self.dataset_text_field}' column "
+                f"(columns: {sorted(row)})."
+            )
+        if kind == "messages":
+            raw_messages = row["messages"]
+            if not isinstance(raw_messages, (list, tuple)) or not raw_messages:
+                raise GapDataError(
+                    index, "messages must be a non-empty list of {role, content} dicts; got "
+                    f"{_type_name(raw_messages)}."
+                )
+        else:
+            raw_messages = row_messages(row)
+        if kind == "messages" and self.completion_only_loss:
+            raise GapDataError(
+                index, "completion_only_loss=True needs prompt-completion rows; this row has `messages` (use "
+                "assistant_only_loss for conversations)."
+            )
+        if kind in ("text", "prompt_completion_text") and self.assistant_only_loss:
+            raise GapDataError(
+                index, "assistant_only_loss=True needs conversational rows; this is a text row (set "
+                "assistant_only_loss=False or leave it unset)."
             )
         images = row.get("images", None)
         if images is None and row.get("image") is not None:
@@ -302,6 +364,15 @@ class GapDataCollator:
                 raise GapDataError(index, f"{name} must be a list of images; got {_type_name(value)}.")
         if "answer" in row and row["answer"] is not None and not isinstance(row["answer"], str):
             raise GapDataError(index, f"answer must be a string; got {_type_name(row['answer'])}.")
+        if kind in ("text", "prompt_completion_text"):
+            return self._prepare_text_row(row, index, kind, images, aux_images)
+
+        num_prompt_messages = None
+        if kind == "prompt_completion":
+            num_prompt_messages = len(row["prompt"])
+            first = row["completion"][0] if row["completion"] else None
+            if not isinstance(first, Mapping) or first.get("role") != "assistant":
+                raise GapDataError(index, "the completion must start with an assistant turn.")
 
         messages = []
         for turn, message in enumerate(raw_messages):
@@ -367,7 +438,40 @@ class GapDataCollator:
 
         loaded = [load_image(image, index, f"image {j}") for j, image in enumerate(images)]
         loaded_aux = [load_image(image, index, f"aux image {j}") for j, image in enumerate(aux_images)]
-        return PreparedRow(index, messages, loaded, loaded_aux, use_latent and markers > 0, markers)
+        return PreparedRow(
+            index, messages, loaded, loaded_aux, use_latent and markers > 0, markers, kind, num_prompt_messages
+        )
+
+    def _prepare_text_row(self, row: Mapping, index, kind: str, images, aux_images) -> PreparedRow:
+        """A plain-text row (TRL's language modeling or string prompt-completion format): trained as the raw text,
+        with the tokenizer's EOS appended when missing (as TRL does); image placeholders and span markers in the
+        text are expanded by the processor."""
+        eos = self.processor.tokenizer.eos_token or ""
+        if kind == "text":
+            prompt, text = None, row[self.dataset_text_field]
+        else:
+            prompt, text = row["prompt"], row["prompt"] + row["completion"]
+            if self.marker in prompt:
+                raise GapDataError(index, f"the prompt holds a {self.marker} marker: latent spans belong in the "
+                                   "completion.")
+        if not text.endswith(eos):
+            text += eos
+        markers = text.count(self.marker)
+        if markers != len(aux_images):
+            raise GapDataError(
+                index, f"{markers} {self.marker} marker(s) but {len(aux_images)} aux image(s): each marker needs "
+                "exactly one aux image, in order."
+            )
+        use_latent = self.uses_latent(row, index)
+        if not use_latent and markers:
+            text, aux_images = remove_latent_markers(text, self.marker), []
+        if not text.strip():
+            raise GapDataError(index, f"the {self.dataset_text_field} is empty.")
+        loaded = [load_image(image, index, f"image {j}") for j, image in enumerate(images)]
+        loaded_aux = [load_image(image, index, f"aux image {j}") for j, image in enumerate(aux_images)]
+        return PreparedRow(
+            index, [], loaded, loaded_aux, use_latent and markers > 0, markers, kind, text=text, prompt_text=prompt
+        )
 
     def _assistant_mask(self, ids: list[int]) -> list[bool]:
         """True from after each `<|im_start|>assistant\\n` up to and including its `<|im_end|>`."""
@@ -389,11 +493,63 @@ class GapDataCollator:
                 i += 1
         return mask
 
+    def _label_mask(self, prepared: PreparedRow, ids: list[int], encoded) -> list[bool]:
+        """Which tokens of the encoded row are labels (before image and latent slots are taken out): see
+        `assistant_only_loss` and `completion_only_loss` in the class docstring."""
+        index = prepared.index
+        if prepared.kind == "text":
+            return [True] * len(ids)
+        if prepared.kind == "prompt_completion_text":
+            if self.completion_only_loss is False:
+                return [True] * len(ids)
+            # The completion starts where the prompt's tokens end; the processor expands each image pad of the
+            # prompt into the image's tokens (every image of a prompt-completion row is in its prompt).
+            tokenizer = self.processor.tokenizer
+            prompt_text = prepared.prompt_text
+            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            full_ids = tokenizer(prepared.text, add_special_tokens=False)["input_ids"]
+            common = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), len(prompt_ids))
+            grid = encoded.get("image_grid_thw")
+            merge = getattr(self.processor.image_processor, "merge_size", 2)
+            extra = 0 if grid is None else int((grid.prod(-1) // merge**2 - 1).sum())
+            if not prompt_text:
+                common = 0
+            start = common + extra
+            return [i >= start for i in range(len(ids))]
+
+        assistant = self._assistant_mask(ids)
+        if not any(assistant):
+            raise GapDataError(
+                index, "no assistant tokens found: the chat template must render assistant turns as ChatML "
+                "(<|im_start|>assistant ... <|im_end|>)."
+            )
+        turn_starts = [i for i, m in enumerate(assistant) if m and (i == 0 or not assistant[i - 1])]
+        wanted_turns = sum(m["role"] == "assistant" for m in prepared.messages)
+        if len(turn_starts) != wanted_turns:  # the rendered conversation is not the row's (e.g. a template quirk)
+            raise GapDataError(
+                index, f"the rendered conversation has {len(turn_starts)} assistant turn(s), the row {wanted_turns}: "
+                "check the chat template."
+            )
+        if prepared.kind == "messages":
+            return [True] * len(ids) if self.assistant_only_loss is False else assistant
+        # Conversational prompt-completion: TRL's completion is everything after the prompt rendered with the
+        # generation prompt, i.e. from the first assistant turn of the completion to the end.
+        prompt_turns = sum(m["role"] == "assistant" for m in prepared.messages[: prepared.num_prompt_messages])
+        completion = [i >= turn_starts[prompt_turns] for i in range(len(ids))]
+        mask = [True] * len(ids) if self.completion_only_loss is False else completion
+        if self.assistant_only_loss:
+            mask = [m and a for m, a in zip(mask, assistant)]
+        return mask
+
     def encode_row(self, row: Mapping, index) -> dict:
         """One row -> unpadded tensors: `input_ids`, `attention_mask`, `mm_token_type_ids`, `labels` (1-D), and
         `pixel_values`, `image_grid_thw`, `aux_pixel_values`, `aux_image_grid_thw` when the row has them."""
         prepared = self.prepare_row(row, index)
-        text = self.processor.apply_chat_template(prepared.messages, tokenize=False)
+        conversational = prepared.kind in ("messages", "prompt_completion")
+        if conversational:
+            text = self.processor.apply_chat_template(prepared.messages, tokenize=False)
+        else:
+            text = prepared.text
         try:
             encoded = self.processor(
                 images=prepared.images or None,
@@ -406,22 +562,12 @@ class GapDataCollator:
             raise GapDataError(index, f"the processor refused the row ({_type_name(error)}: {problem})") from error
 
         ids = encoded["input_ids"][0].tolist()
-        mask = self._assistant_mask(ids)
-        if not any(mask):
-            raise GapDataError(
-                index, "no assistant tokens found: the chat template must render assistant turns as ChatML "
-                "(<|im_start|>assistant ... <|im_end|>)."
-            )
-        rendered_turns = sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
-        wanted_turns = sum(m["role"] == "assistant" for m in prepared.messages)
-        if rendered_turns != wanted_turns:  # the rendered conversation is not the row's (e.g. a template quirk)
-            raise GapDataError(
-                index, f"the rendered conversation has {rendered_turns} assistant turn(s), the row {wanted_turns}: "
-                "check the chat template."
-            )
-        labels = [t if m and t not in self.unsupervised_ids else -100 for t, m in zip(ids, mask)]
+        mask = self._label_mask(prepared, ids, encoded)
+        whole = all(mask)  # TRL's language modeling: every token is a label, image tokens included
+        unsupervised = {self.latent_pad_id} if whole else self.unsupervised_ids
+        labels = [t if m and t not in unsupervised else -100 for t, m in zip(ids, mask)]
         if all(label == -100 for label in labels):
-            raise GapDataError(index, "no supervised token: the assistant turns hold only image or latent slots.")
+            raise GapDataError(index, "no supervised token: the supervised part holds only image or latent slots.")
 
         length = len(ids)
         if self.max_length is not None and length > self.max_length:
@@ -470,12 +616,21 @@ class GapDataCollator:
                 torch.nn.functional.pad(e[key], (0, length - e[key].shape[0]), value=value) for e in encoded
             ])
 
-        batch = {
-            "input_ids": pad("input_ids", self.pad_token_id),
-            "attention_mask": pad("attention_mask", 0),
-            "mm_token_type_ids": pad("mm_token_type_ids", 0),
-            "labels": pad("labels", -100),
-        }
+        if self.padding_free:
+            first_label_masked = [torch.cat([e["labels"].new_full((1,), -100), e["labels"][1:]]) for e in encoded]
+            batch = {
+                "input_ids": torch.cat([e["input_ids"] for e in encoded])[None],
+                "mm_token_type_ids": torch.cat([e["mm_token_type_ids"] for e in encoded])[None],
+                "labels": torch.cat(first_label_masked)[None],
+                "position_ids": torch.cat([torch.arange(e["input_ids"].shape[0]) for e in encoded])[None],
+            }
+        else:
+            batch = {
+                "input_ids": pad("input_ids", self.pad_token_id),
+                "attention_mask": pad("attention_mask", 0),
+                "mm_token_type_ids": pad("mm_token_type_ids", 0),
+                "labels": pad("labels", -100),
+            }
         for values, grid in (("pixel_values", "image_grid_thw"), ("aux_pixel_values", "aux_image_grid_thw")):
             present = [e for e in encoded if values in e]
             if present:
@@ -517,6 +672,7 @@ def validate_gap_dataset(
     max_rows: int | None = None,
     max_errors: int = 20,
     escape_special_tokens: bool = False,
+    **collator_options,
 ) -> dict:
     """Check every row of `dataset` (a `datasets.Dataset`, an `IterableDataset` or any iterable of rows) exactly as
     `GapDataCollator` will encode it: column types, messages and roles, image placeholders, every image (and aux
@@ -527,11 +683,14 @@ def validate_gap_dataset(
 
     Returns a summary (`rows`, `rows_with_latent` (rows that keep spans), `plain_text_rows` (rows whose spans the
     capacity rule removed), `spans`, `max_tokens`). Raises `GapDatasetValidationError` listing the bad rows (up to
-    `max_errors`), its message starting with the first: `Row <index>: <problem>`.
+    `max_errors`), its message starting with the first: `Row <index>: <problem>`. `collator_options` are the other
+    arguments of `GapDataCollator` that decide how a row is encoded (`assistant_only_loss`, `completion_only_loss`,
+    `dataset_text_field`, `formatting_func`).
     """
+    collator_options.pop("padding_free", None)  # a batch option: rows are checked one by one
     collator = GapDataCollator(
         processor, max_length=max_length, capacity_guided=capacity_guided, capacity_threshold=capacity_threshold,
-        escape_special_tokens=escape_special_tokens,
+        escape_special_tokens=escape_special_tokens, **collator_options,
     )
     errors, total_bad = [], 0
     summary = dict(rows=0, rows_with_latent=0, plain_text_rows=0, spans=0, max_tokens=0)
@@ -545,7 +704,9 @@ def validate_gap_dataset(
                 errors.append(error)
             continue
         spans = int((encoded["input_ids"] == collator.latent_start_id).sum())
-        markers = count_markers(row["messages"], collator.marker)  # a valid row has them in assistant turns only
+        # A valid row has them in assistant turns (or its text) only.
+        markers = row_markers(row, collator.marker, collator.dataset_text_field) if collator.formatting_func is None \
+            else collator.formatting_func(row).count(collator.marker)
         summary["spans"] += spans
         summary["rows_with_latent"] += spans > 0
         summary["plain_text_rows"] += markers > 0 and spans == 0

@@ -5,6 +5,12 @@ A row: `images` (list of images), `messages` (`[{"role", "content"}]`, content a
 `{"type": "image"}` / `{"type": "text", "text": ...}` parts) with `<|latent|>` markers in the assistant text,
 `aux_images` (one per marker, in order), `answer`, and optionally `use_latent` (bool) and `base_pass_rate` (float in
 [0, 1], written by capacity assignment).
+
+TRL's other dataset formats are rows too (`row_format` tells them apart, in TRL's order of precedence):
+- conversational prompt-completion: `prompt` (the user turns) and `completion` (the assistant turn, with the span
+  markers; its aux images in `aux_images`), both lists of messages;
+- plain text (language modeling): a string column (`text`, TRL's `dataset_text_field`), or string `prompt` and
+  `completion`; trained as text SFT (no chat template, no span unless the text carries a marker).
 """
 
 import re
@@ -62,6 +68,46 @@ def count_markers(messages, marker: str = LATENT_MARKER) -> int:
     return assistant_text(messages).count(marker)
 
 
+ROW_FORMATS = ("messages", "prompt_completion", "text", "prompt_completion_text")
+
+
+def row_format(row: Mapping, text_field: str = "text") -> str | None:
+    """Which of TRL's dataset formats `row` is in: `"messages"` (conversational), `"prompt_completion"`
+    (conversational `prompt` / `completion` message lists), `"text"` (a string in `text_field`),
+    `"prompt_completion_text"` (string `prompt` / `completion`), or None. `messages` wins over the others and a
+    text field over string prompt-completion, as in TRL's collators."""
+    if row.get("messages") is not None:
+        return "messages"
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, (list, tuple)) and isinstance(completion, (list, tuple)):
+        return "prompt_completion"
+    if isinstance(row.get(text_field), str):
+        return "text"
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return "prompt_completion_text"
+    return None
+
+
+def row_messages(row: Mapping) -> list:
+    """The conversation of a conversational row: `messages`, or `prompt` + `completion`; [] for text rows."""
+    if row.get("messages") is not None:
+        return list(row["messages"])
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, (list, tuple)) and isinstance(completion, (list, tuple)):
+        return list(prompt) + list(completion)
+    return []
+
+
+def row_markers(row: Mapping, marker: str = LATENT_MARKER, text_field: str = "text") -> int:
+    """`<|latent|>` markers of a row in any format: in its assistant turns, or in the text of a text row."""
+    kind = row_format(row, text_field)
+    if kind == "text":
+        return row[text_field].count(marker)
+    if kind == "prompt_completion_text":
+        return row["completion"].count(marker)
+    return count_markers(row_messages(row), marker)
+
+
 def remove_latent_markers(text: str, marker: str = LATENT_MARKER) -> str:
     """Remove the latent-span markers from `text`, joining the text around each.
 
@@ -92,11 +138,15 @@ __all__ = [
     "LATENT_MARKER",
     "REQUIRED_COLUMNS",
     "ROLES",
+    "ROW_FORMATS",
     "assistant_text",
     "content_text",
     "count_markers",
     "gap_features",
     "remove_latent_markers",
+    "row_format",
+    "row_markers",
+    "row_messages",
     "turn_texts",
     "user_question",
 ]
