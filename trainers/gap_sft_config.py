@@ -13,7 +13,13 @@ class GapSFTConfig(SFTConfig):
     r"""
     Configuration class for [`GapSFTTrainer`]: every field of TRL's [`~trl.SFTConfig`] (and of
     [`~transformers.TrainingArguments`]), plus the fields below. Defaults that differ from `SFTConfig`:
-    `remove_unused_columns=False` (the collator needs `aux_images`, `use_latent`, `base_pass_rate`).
+    `remove_unused_columns=False` (the collator needs `aux_images`, `use_latent`, `base_pass_rate`) and
+    `assistant_only_loss=None` (GAP's labels: the assistant turns of `messages` rows, the completion of
+    prompt-completion rows, all of a text row; `True` / `False` as in TRL).
+
+    TRL's fields that GAP cannot honour are refused here, in one line: `packing=True` / `eval_packing=True` (use
+    `padding_free=True`), `truncation_mode="keep_end"`, `dataset_num_proc` (no dataset pass to parallelise), and
+    `pad_to_multiple_of` with `padding_free`. The README's "Fine-tune" section lists what GAP does with each field.
 
     Parameters:
         > GAP losses
@@ -90,6 +96,12 @@ class GapSFTConfig(SFTConfig):
         default=True,
         metadata={"help": "Check every row of the datasets before training (errors name the row)."},
     )
+    assistant_only_loss: bool | None = field(
+        default=None,
+        metadata={"help": "Labels of conversational rows: None (GAP's default) the assistant turns of `messages` rows "
+                          "and the completion of prompt-completion rows; True the assistant turns only; False the "
+                          "whole conversation (TRL's default)."},
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Drop dataset columns the model does not take (keep False: the collator needs them)."},
@@ -118,8 +130,28 @@ class GapSFTConfig(SFTConfig):
         if self.capacity_guided and self.ddp_find_unused_parameters is None:
             # A batch of rows trained as plain text leaves the latent head without gradient; DDP must allow that.
             self.ddp_find_unused_parameters = True
-        if self.packing or self.padding_free:
-            raise ValueError("GapSFTTrainer supports neither packing nor padding-free batches (images, latent spans).")
+        self._refuse_unsupported_trl_fields()
+
+    def _refuse_unsupported_trl_fields(self):
+        """One line per `SFTConfig` field GAP cannot honour (never accepted and ignored)."""
+        if self.packing or self.eval_packing:
+            raise ValueError(
+                "packing=True / eval_packing=True are not supported: TRL packs tokenized rows before training, and GAP "
+                "rows are encoded on the fly (images, aux images, latent spans), so their lengths are unknown then. "
+                "Use padding_free=True (each batch's rows concatenated without padding, the same losses)."
+            )
+        if self.truncation_mode != "keep_start":
+            raise ValueError(
+                f"truncation_mode={self.truncation_mode!r} is not supported: cutting the start drops image tokens; "
+                "GAP cuts rows at the end, in text only (truncation_mode='keep_start')."
+            )
+        if self.dataset_num_proc is not None:
+            raise ValueError(
+                "dataset_num_proc is not supported: GAP prepares no dataset (each row is encoded by the collator "
+                "when batched). Use dataloader_num_workers to encode rows in parallel."
+            )
+        if self.padding_free and self.pad_to_multiple_of:
+            raise ValueError("padding_free=True concatenates rows: pad_to_multiple_of has nothing to pad; unset it.")
 
 
 __all__ = [

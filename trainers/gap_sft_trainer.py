@@ -24,8 +24,10 @@ targets), `latent_row_fraction` (fraction of rows with latent supervision). The 
 micro-batches that have spans.
 """
 
+import functools
 import logging
 import re
+import warnings
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -33,6 +35,7 @@ from transformers import AutoProcessor
 from trl import SFTTrainer
 from trl.kernels import ChunkedLogProbFunction
 from trl.kernels.chunked_logprob import _use_triton
+from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, maybe_gather_lm_head_ctx
 
 from .collator import ROW_INDEX_COLUMN, GapDataCollator, validate_gap_dataset
@@ -40,7 +43,8 @@ from .gap_sft_config import GapSFTConfig
 
 logger = logging.getLogger(__name__)
 
-DATASET_COLUMNS = ["images", "image", "messages", "aux_images", "use_latent", "base_pass_rate", ROW_INDEX_COLUMN]
+DATASET_COLUMNS = ["images", "image", "messages", "prompt", "completion", "aux_images", "use_latent", "base_pass_rate",
+                   ROW_INDEX_COLUMN]
 
 
 def _is_peft_model(model) -> bool:
@@ -72,6 +76,7 @@ class GapSFTTrainer(SFTTrainer):
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
+        compute_loss_func=None,
         compute_metrics=None,
         callbacks=None,
         optimizers=(None, None),
@@ -79,6 +84,7 @@ class GapSFTTrainer(SFTTrainer):
         preprocess_logits_for_metrics=None,
         quantization_config=None,
         peft_config=None,
+        formatting_func=None,
     ):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "gap"
@@ -91,6 +97,12 @@ class GapSFTTrainer(SFTTrainer):
         # Rows are encoded on the fly by the collator: TRL's tokenization pass would drop the aux images.
         if args.dataset_kwargs is None or isinstance(args.dataset_kwargs, dict):
             args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        if formatting_func is not None and args.completion_only_loss:
+            raise ValueError(  # TRL's refusal: a formatted row is plain text, it has no completion
+                "formatting_func turns rows into plain text, which has no completion: unset completion_only_loss."
+            )
+        if args.padding_free and data_collator is not None:
+            raise ValueError("padding_free=True needs GAP's collator: do not pass a data_collator (as in TRL).")
 
         if processing_class is None:
             path = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
@@ -104,7 +116,16 @@ class GapSFTTrainer(SFTTrainer):
                 "processing_class must be a GAP processor (GapQwen2_5VLProcessor); got "
                 f"{type(processing_class).__name__}."
             )
+        if args.pad_token is not None:  # TRL sets it for its own collators only; ours reads it when built
+            if args.pad_token not in processing_class.tokenizer.get_vocab():
+                raise ValueError(f"pad_token {args.pad_token!r} is not in the tokenizer's vocabulary.")
+            processing_class.tokenizer.pad_token = args.pad_token
 
+        collator_options = dict(
+            assistant_only_loss=args.assistant_only_loss, completion_only_loss=args.completion_only_loss,
+            dataset_text_field=args.dataset_text_field, formatting_func=formatting_func,
+        )
+        self._collator_options = collator_options
         if train_dataset is not None:
             train_dataset = self._prepare_gap_dataset(train_dataset, processing_class, args, "train")
         if isinstance(eval_dataset, dict):
@@ -124,23 +145,53 @@ class GapSFTTrainer(SFTTrainer):
                 pad_to_multiple_of=args.pad_to_multiple_of,
                 escape_special_tokens=args.escape_special_tokens,
                 return_row_indices=True,
+                padding_free=args.padding_free,
+                **collator_options,
             )
 
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        # TRL refuses padding-free for vision datasets and swaps the chat template for assistant-only masks; GAP's
+        # collator does both itself, so TRL's constructor sees those two fields off.
+        padding_free, assistant_only_loss = args.padding_free, args.assistant_only_loss
+        args.padding_free, args.assistant_only_loss = False, False
+        try:
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_loss_func=compute_loss_func,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                formatting_func=formatting_func,
+            )
+        finally:
+            args.padding_free, args.assistant_only_loss = padding_free, assistant_only_loss
+        self.padding_free = padding_free
+        self.completion_only_loss = args.completion_only_loss
+        if args.loss_type == "dft" and args.label_smoothing_factor > 0:
+            raise ValueError(  # TRL would silently drop the smoothing
+                "label_smoothing_factor applies to loss_type='nll' only: unset it or use loss_type='nll'."
+            )
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if _is_peft_model(unwrapped) and unwrapped.active_peft_config.is_prompt_learning:
+            peft_type = str(getattr(unwrapped.active_peft_config.peft_type, "value", ""))
+            if peft_type not in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
+                raise ValueError(
+                    f"PEFT {peft_type} is not supported (it needs its own labels or task ids): use prompt tuning, "
+                    "P-tuning, prefix tuning, LoRA or another adapter."
+                )
+            if padding_free:
+                raise ValueError(
+                    f"padding_free=True cannot give each row of a concatenated batch {peft_type}'s virtual tokens: "
+                    "train it with padded batches (padding_free=False)."
+                )
 
         base = self._gap_model()
         if not hasattr(base, "latent_head") or not hasattr(base.config, "latent_pad_token_id"):
@@ -161,16 +212,17 @@ class GapSFTTrainer(SFTTrainer):
         self._step_counts = None
 
     # ---- datasets ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _prepare_gap_dataset(dataset, processing_class, args: GapSFTConfig, name: str):
+    def _prepare_gap_dataset(self, dataset, processing_class, args: GapSFTConfig, name: str):
         import datasets
 
         if args.validate_dataset and isinstance(dataset, datasets.Dataset):
             summary = validate_gap_dataset(
                 dataset, processing_class, max_length=args.max_length, capacity_guided=args.capacity_guided,
                 capacity_threshold=args.capacity_threshold, escape_special_tokens=args.escape_special_tokens,
+                **self._collator_options,
             )
             logger.info("%s dataset checked: %s", name, summary)
+
         # Let the collator's errors name dataset rows. A dataset with an indices mapping (after select / shuffle)
         # would be rewritten by `add_column`; its errors name batch positions instead (validation names rows).
         if (
@@ -179,11 +231,13 @@ class GapSFTTrainer(SFTTrainer):
             and dataset._indices is None
         ):
             dataset = dataset.add_column(ROW_INDEX_COLUMN, list(range(len(dataset))))
+        if args.shuffle_dataset and isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+            dataset = dataset.shuffle(seed=args.seed)  # as TRL does, once, before training
         return dataset
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = list(DATASET_COLUMNS)
+            self._signature_columns = [*DATASET_COLUMNS, self.args.dataset_text_field]
 
     # ---- the model -----------------------------------------------------------------------------------------
     def _gap_model(self):
@@ -249,7 +303,63 @@ class GapSFTTrainer(SFTTrainer):
         log_probs, entropy, _, _, is_top1 = per_token
         return log_probs, entropy, is_top1, mask
 
+    # ---- PEFT prompt learning (prompt tuning, P-tuning) ----------------------------------------------------------
+    def _prompt_learning_model(self):
+        """The `PeftModel` when its adapter prepends virtual tokens to the input embeddings, else None. (Prefix tuning
+        feeds its virtual tokens through the cache and runs through PEFT's own forward.)"""
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        if not _is_peft_model(model):
+            return None
+        config = model.active_peft_config
+        if not config.is_prompt_learning or config.peft_type in ("PREFIX_TUNING", "CARTRIDGE"):
+            return None
+        return model
+
+    def _forward_with_virtual_tokens(self, peft_model, **inputs):
+        """The GAP forward with the adapter's virtual tokens in front of every row.
+
+        PEFT's own prompt-learning forward passes only `inputs_embeds` on, which loses what the GAP forward reads from
+        `input_ids` (image and latent slots, M-RoPE positions). Here the ids get as many filler ids in front (the pad
+        token: neither an image nor a latent slot; text positions 0..V-1, as PEFT gives a text model) and the
+        embeddings the virtual tokens; the outputs' states and logits are then V longer than the labels.
+        """
+        base = peft_model.get_base_model()
+        input_ids = inputs.pop("input_ids")
+        batch_size, num_virtual = input_ids.shape[0], peft_model.active_peft_config.num_virtual_tokens
+        embeddings = base.get_input_embeddings()(input_ids)
+        prompts = peft_model.get_prompt(batch_size=batch_size).to(embeddings.dtype)
+        tokenizer = self.processing_class.tokenizer
+        filler = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        inputs["input_ids"] = torch.cat([input_ids.new_full((batch_size, num_virtual), filler), input_ids], dim=1)
+        inputs["inputs_embeds"] = torch.cat([prompts, embeddings], dim=1)
+        for key in ("attention_mask", "mm_token_type_ids"):
+            if inputs.get(key) is not None:
+                value = inputs[key]
+                fill = value.new_ones if key == "attention_mask" else value.new_zeros
+                inputs[key] = torch.cat([fill((batch_size, num_virtual)), value], dim=1)
+        return base(**inputs)
+
+    # ---- the loss ------------------------------------------------------------------------------------------
+    def _text_loss_sum(self, log_probs: torch.Tensor, logits: torch.Tensor | None, mask: torch.Tensor):
+        """Sum over the supervised tokens of TRL's per-token text loss for `args.loss_type` and
+        `args.label_smoothing_factor` (see `compute_loss`)."""
+        if self.args.loss_type == "dft":  # DFT (https://huggingface.co/papers/2508.05629), as TRL computes it
+            return -(log_probs * log_probs.exp().detach()).sum()
+        epsilon = self.args.label_smoothing_factor
+        if epsilon > 0:  # transformers' LabelSmoother, per token: (1 - e) * NLL + e * mean over the vocabulary
+            all_log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            smoothed = -(all_log_probs.sum(-1) * mask).sum() / all_log_probs.shape[-1]
+            return (1 - epsilon) * -log_probs.sum() + epsilon * smoothed
+        return -log_probs.sum()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's SFT loss on the text (`loss_type` "nll" or "dft", `label_smoothing_factor`, or `compute_loss_func`)
+        plus `latent_loss_weight` x the latent loss, normalised over the optimizer step (module docstring).
+
+        The text loss needs the full logits only for label smoothing, `compute_loss_func` and `return_outputs=True`
+        (then, as in TRL, the logits are built; `return_outputs=True` warns as TRL does); otherwise the final states
+        are scored by TRL's chunked kernel without them.
+        """
         mode = "train" if self.model.training else "eval"
         base = self._gap_model()
         labels = inputs["labels"]
@@ -259,6 +369,9 @@ class GapSFTTrainer(SFTTrainer):
         slots_in_batch = inputs["input_ids"] == self._latent_pad_id
         if self.args.latent_feedback_training == "self" and bool(slots_in_batch.any()):
             forward_inputs["latent_inputs"] = self._closed_loop_latents(base, forward_inputs)
+        smoothing = self.args.label_smoothing_factor > 0 and self.args.loss_type == "nll"
+        full_logits = return_outputs or self.compute_loss_func is not None or smoothing
+        forward_inputs["logits_to_keep"] = 0 if full_logits else 1
 
         captured = {}
 
@@ -266,8 +379,15 @@ class GapSFTTrainer(SFTTrainer):
             captured["hidden_states"] = output.last_hidden_state
 
         handle = base.model.register_forward_hook(keep_hidden_states)
+        prompt_learning = self._prompt_learning_model()
         try:
-            outputs = model(**forward_inputs, logits_to_keep=0 if return_outputs else 1)
+            if prompt_learning is not None:
+                outputs = _ForwardRedirection()(
+                    model, prompt_learning, functools.partial(self._forward_with_virtual_tokens, prompt_learning),
+                    **forward_inputs,
+                )
+            else:
+                outputs = model(**forward_inputs)
         except ValueError as error:
             if rows is None:
                 raise
@@ -278,9 +398,17 @@ class GapSFTTrainer(SFTTrainer):
         finally:
             handle.remove()
 
-        log_probs, entropy, is_top1, mask = self._token_log_probs(base, captured.pop("hidden_states"), labels)
+        hidden_states = captured.pop("hidden_states")
+        logits = outputs.logits if full_logits else None
+        num_virtual = hidden_states.shape[1] - labels.shape[1]  # PEFT's virtual tokens, in front
+        if num_virtual:
+            hidden_states = hidden_states[:, num_virtual:]
+            if logits is not None:
+                logits = outputs.logits = logits[:, num_virtual:]
+        log_probs, entropy, is_top1, mask = self._token_log_probs(base, hidden_states, labels)
         ce_sum = -log_probs.sum()
         num_tokens = mask.sum()
+        text_sum = self._text_loss_sum(log_probs, logits, mask)
         weight = self.args.latent_loss_weight
         has_spans = outputs.latent_loss is not None
         num_slots = outputs.latent_predictions.shape[0] * outputs.latent_predictions.shape[1] if has_spans else 0
@@ -289,19 +417,32 @@ class GapSFTTrainer(SFTTrainer):
         if mode == "train" and self._step_counts is not None:
             step_tokens, step_slots = self._step_counts.to(ce_sum.device).clamp(min=1)
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-            loss = ce_sum / step_tokens
+            if self.compute_loss_func is not None:  # as TRL calls it: normalised by the step's token count
+                loss = self.compute_loss_func(outputs, labels, num_items_in_batch=step_tokens)
+            else:
+                loss = text_sum / step_tokens
             if has_spans and weight > 0:
                 loss = loss + weight * latent_sum / step_slots
             loss = loss * scale
             self.loss_is_scaled_for_ga = True  # already a share of the whole step's mean
         else:
-            loss = ce_sum / num_tokens.clamp(min=1)
+            if self.compute_loss_func is not None:
+                loss = self.compute_loss_func(outputs, labels, num_items_in_batch=None)
+            else:
+                loss = text_sum / num_tokens.clamp(min=1)
             if has_spans and weight > 0:
                 loss = loss + weight * outputs.latent_loss.float()
             self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: Trainer divides by the accumulation steps
 
         self._log_gap_metrics(mode, inputs, outputs, ce_sum, num_tokens, latent_sum, num_slots, entropy, is_top1)
         if return_outputs:
+            warnings.warn(  # TRL's deprecation, word for word
+                "`return_outputs=True`, and the logits it passes to `compute_metrics` and "
+                "`preprocess_logits_for_metrics`, are deprecated and will be removed in v2.0.0. The fused LM head does "
+                "not build the logits, so they are recomputed with an extra forward pass.",
+                FutureWarning,
+                stacklevel=2,
+            )
             return loss, outputs
         return loss
 
@@ -313,7 +454,17 @@ class GapSFTTrainer(SFTTrainer):
         if has_spans:
             prediction_norms = outputs.latent_predictions.detach().float().norm(dim=-1).sum()
             target_norms = outputs.latent_targets.detach().float().norm(dim=-1).sum()
-        rows_with_spans = (inputs["input_ids"] == self._latent_start_id).any(-1).sum()
+        span_starts = inputs["input_ids"] == self._latent_start_id
+        if "position_ids" in inputs and "attention_mask" not in inputs:  # padding-free: rows restart at position 0
+            row_of_token = (inputs["position_ids"].reshape(-1) == 0).cumsum(0) - 1
+            num_rows = int(row_of_token[-1]) + 1
+            rows_with_spans = row_of_token[span_starts.reshape(-1)].unique().numel()
+            rows_with_spans = torch.tensor(rows_with_spans, device=device)
+            attended_tokens = torch.tensor(float(inputs["input_ids"].numel()), device=device)
+        else:
+            num_rows = inputs["input_ids"].shape[0]
+            rows_with_spans = span_starts.any(-1).sum()
+            attended_tokens = inputs["attention_mask"].sum().float()
         stats = torch.stack([
             ce_sum.detach().float(),
             num_tokens.float(),
@@ -322,10 +473,10 @@ class GapSFTTrainer(SFTTrainer):
             prediction_norms.to(device) if has_spans else zero,
             target_norms.to(device) if has_spans else zero,
             rows_with_spans.float().to(device),
-            torch.tensor(float(inputs["input_ids"].shape[0]), device=device),
+            torch.tensor(float(num_rows), device=device),
             entropy.detach().float().sum(),
             is_top1.float().sum(),
-            inputs["attention_mask"].sum().float().to(device),
+            attended_tokens.to(device),
         ])
         if self.accelerator.num_processes > 1:
             stats = self.accelerator.reduce(stats, reduction="sum")
