@@ -419,7 +419,7 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
         flash-attention), then the three M-RoPE axes computed for each row on its own, exactly as in a padded batch.
         """
         implementation = self.config._attn_implementation
-        if not any(name in implementation for name in PADDING_FREE_ATTENTION):
+        if implementation.startswith("paged") or not any(name in implementation for name in PADDING_FREE_ATTENTION):
             raise ValueError(
                 f"Padding-free batches need an attention implementation that keeps attention within each row "
                 f"({', '.join(PADDING_FREE_ATTENTION)}); this model uses {implementation!r}: load it with one of "
