@@ -17,6 +17,17 @@ Each (shape, trainer) runs in a fresh subprocess, `--repeats` times, alternating
     python benchmarks/training.py --shapes mid --steps 30 --repeats 3
 
 Goals: GAP / stock <= 1.10x time and <= 1.05x memory.
+
+`--compare padding`: `GapSFTTrainer` with padded batches against `padding_free=True` (the batch's rows concatenated
+without padding), on rows of mixed lengths (each assistant answer gets 0-400 characters of extra text, one token per
+character with the tiny tokenizer; spans and aux images as in the synthetic task). Reported: trained tokens (real,
+not padding) per second over the timed steps, and the padded batch's share of padding.
+
+    python benchmarks/training.py --compare padding --shapes tiny,mid --threads 1
+    # GPU, a 7B-shaped GAP model (Qwen2.5-VL-7B's text widths, random weights, tiny vocabulary and vision tower),
+    # bf16, flash-attention's variable-length kernels for the padding-free rows (needs flash-attn installed):
+    python benchmarks/training.py --compare padding --shapes 7b --device cuda --attn flash_attention_2 --batch 8 \
+        --steps 10 --repeats 2
 """
 
 import argparse
@@ -34,6 +45,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {
     "tiny": dict(hidden_size=64, num_layers=2, image_size=56),
     "mid": dict(hidden_size=512, num_layers=8, image_size=112),
+    # Qwen2.5-VL-7B's text model (28 layers, 28 heads of 128, 4 KV heads); GPU only (`--compare padding`).
+    "7b": dict(hidden_size=3584, num_layers=28, image_size=112, text=dict(
+        num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})),
 }
 
 
@@ -140,10 +155,84 @@ def worker(args):
     )))
 
 
+def mixed_length_rows(dataset, seed=0, max_extra_chars=400):
+    """The rows with 0..max_extra_chars characters of extra text in front of each answer (seeded): mixed lengths."""
+    import random
+
+    rng = random.Random(seed)
+    words = "then look at the square and its frame again carefully "
+
+    def lengthen(row):
+        extra = (words * (max_extra_chars // len(words) + 1))[: rng.randint(0, max_extra_chars)]
+        messages = []
+        for message in row["messages"]:
+            if message["role"] == "assistant":
+                parts = [dict(part) for part in message["content"]]
+                text_part = next(part for part in parts if part.get("type") == "text")
+                text_part["text"] = extra + text_part["text"]
+                message = {**message, "content": parts}
+            messages.append(message)
+        return {"messages": messages}
+
+    return dataset.map(lengthen)
+
+
+def padding_worker(args):
+    """One run of `--compare padding`: trained tokens per second, padded (`--trainer padded`) or padding-free."""
+    import torch
+    from transformers import TrainerCallback
+
+    from modeling_gap import GapQwen2_5VLProcessor, fit_latent_head_pca, from_qwen2_5_vl
+    from trainers import GapSFTConfig, GapSFTTrainer, make_synthetic_dataset
+    from trainers.tiny import CHAT_TEMPLATE, build_tiny_qwen2_5_vl
+
+    torch.set_num_threads(args.threads)
+    shape = SHAPES[args.shape]
+    stock, tokenizer, image_processor = build_tiny_qwen2_5_vl(
+        0, hidden_size=shape["hidden_size"], num_layers=shape["num_layers"], **shape.get("text", {}))
+    processor = GapQwen2_5VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    model, processor = from_qwen2_5_vl(stock, processor, num_latent_tokens=4, latent_pca_rank=16)
+    model.set_attn_implementation(args.attn)
+    rows = args.batch * (args.steps + args.warmup + 1)
+    dataset = make_synthetic_dataset(rows, seed=0, image_size=shape["image_size"], aux_size=56)
+    images = [image for row in dataset.select(range(16)) for image in row["images"] + row["aux_images"]]
+    fit_latent_head_pca(model, images, image_processor=processor.image_processor)
+    dataset = mixed_length_rows(dataset)
+    on_gpu = args.device == "cuda"
+    config = GapSFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="gap-bench-"), use_cpu=not on_gpu, bf16=on_gpu, report_to="none",
+        save_strategy="no", logging_steps=10_000, max_steps=args.steps + args.warmup, seed=0,
+        per_device_train_batch_size=args.batch, learning_rate=1e-5, disable_tqdm=True, max_length=None,
+        validate_dataset=False, padding_free=args.trainer == "padding_free",
+    )
+    trainer = GapSFTTrainer(model, args=config, train_dataset=dataset, processing_class=processor)
+    lengths = [trainer.data_collator([row])["input_ids"].shape[1] for row in dataset.select(range(4 * args.batch))]
+    stamps, tokens = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            if on_gpu:
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            tokens.append(trainer._total_train_tokens)
+
+    trainer.add_callback(Clock())
+    start = time.perf_counter()
+    trainer.train()
+    seconds = stamps[-1] - stamps[args.warmup - 1] if args.warmup else stamps[-1] - start
+    trained = tokens[-1] - (tokens[args.warmup - 1] if args.warmup else 0)
+    batches = [lengths[i : i + args.batch] for i in range(0, len(lengths), args.batch)]
+    padding_share = sum(len(b) * max(b) - sum(b) for b in batches) / sum(len(b) * max(b) for b in batches)
+    print(json.dumps(dict(shape=args.shape, trainer=args.trainer, tokens_per_s=trained / seconds,
+                          step_s=seconds / len(stamps[args.warmup:]), mean_len=sum(lengths) / len(lengths),
+                          min_len=min(lengths), max_len=max(lengths), padding_share=padding_share)))
+
+
 def run_one(args, shape, trainer):
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--shape", shape, "--trainer", trainer,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--compare", args.compare, "--device", args.device,
+               "--attn", args.attn]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{shape}/{trainer} failed:\n{done.stderr[-4000:]}")
@@ -158,12 +247,18 @@ def main():
     parser.add_argument("--batch", type=int, default=4, help="per-device batch size")
     parser.add_argument("--repeats", type=int, default=3, help="runs per (shape, trainer), alternating")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--compare", default="stock", choices=["stock", "padding"],
+                        help="stock: GAP against TRL's stock SFTTrainer; padding: padded against padding-free batches")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="--compare padding only")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation (--compare padding only)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shape", default="tiny", help=argparse.SUPPRESS)
     parser.add_argument("--trainer", default="gap", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args)
+        return padding_worker(args) if args.compare == "padding" else worker(args)
+    if args.compare == "padding":
+        return compare_padding(args)
 
     import platform
 
@@ -184,6 +279,26 @@ def main():
               f"{gap_time / stock_time:>6.3f}x {gap_memory:>8.1f} {stock_memory:>9.1f} "
               f"{gap_memory / max(stock_memory, 1e-9):>8.3f}x")
     print("goals: time <= 1.10x, memory <= 1.05x (memory: peak RSS growth during train(), sampled every 1 ms)")
+
+
+def compare_padding(args):
+    import platform
+
+    print(f"{args.device}: {platform.processor() or platform.machine()}, torch threads {args.threads}, attention "
+          f"{args.attn}; batch {args.batch}, {args.steps} timed steps after {args.warmup}, best of {args.repeats}")
+    print(f"{'shape':6} {'row tokens (min/mean/max)':>26} {'padding':>8} {'padded tok/s':>13} {'padding-free tok/s':>19} "
+          f"{'speed-up':>9}")
+    for shape in args.shapes.split(","):
+        results = {"padded": [], "padding_free": []}
+        for _ in range(args.repeats):
+            for trainer in results:
+                results[trainer].append(run_one(args, shape, trainer))
+        padded = max(r["tokens_per_s"] for r in results["padded"])
+        free = max(r["tokens_per_s"] for r in results["padding_free"])
+        first = results["padded"][0]
+        lengths = f"{first['min_len']}/{first['mean_len']:.0f}/{first['max_len']}"
+        print(f"{shape:6} {lengths:>26} {first['padding_share']:>7.0%} {padded:>13.0f} {free:>19.0f} "
+              f"{free / padded:>8.2f}x")
 
 
 if __name__ == "__main__":
