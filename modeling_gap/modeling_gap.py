@@ -26,9 +26,48 @@ from .configuration_gap import GapQwen2_5VLConfig
 from .generation_gap import GapGenerationMixin
 
 
+VARLEN_SDPA = "gap_varlen_sdpa"
 # Attention implementations that keep the rows of a padding-free batch apart (transformers builds a block-diagonal
-# causal mask from the restarting positions for the first three, and variable-length kernels for flash-attention).
-PADDING_FREE_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention")
+# causal mask from the restarting positions for eager / sdpa / flex, flash-attention runs variable-length kernels,
+# and `gap_varlen_sdpa` attends row by row).
+PADDING_FREE_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention", VARLEN_SDPA)
+
+
+def varlen_sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                                  position_ids=None, **kwargs):
+    """transformers' sdpa attention, except for padding-free rows (one batch row, text `position_ids` restarting at
+    0 where each row starts): there each row attends causally to itself only, one `scaled_dot_product_attention`
+    call per row, so no (total, total) mask is built or multiplied (the cost of variable-length kernels, on any
+    device). Query / key / value (batch, heads, seq, head_dim); returns (batch, seq, heads, head_dim) as sdpa's."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    starts = (position_ids.reshape(-1) == 0).nonzero().flatten().tolist()
+    if len(starts) <= 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    bounds = starts[1:] + [query.shape[2]]
+    rows = [
+        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
+                                       scale=scaling, is_causal=True)
+        for a, b in zip(starts, bounds)
+    ]
+    return torch.cat(rows, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _register_varlen_sdpa():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention_forward)
+    AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)  # padded batches: sdpa's masks
+
+
+_register_varlen_sdpa()
 PCA_SCALE_FLOOR = 1e-2  # smallest per-direction std kept, relative to the largest
 # `from_pretrained` options that locate a checkpoint's config (forwarded to read its model type).
 _HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
@@ -418,7 +457,7 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
         row: a block-diagonal causal mask for eager / sdpa / flex attention, variable-length kernels for
         flash-attention), then the three M-RoPE axes computed for each row on its own, exactly as in a padded batch.
         """
-        implementation = self.config._attn_implementation
+        implementation = self.config.text_config._attn_implementation
         if implementation.startswith("paged") or not any(name in implementation for name in PADDING_FREE_ATTENTION):
             raise ValueError(
                 f"Padding-free batches need an attention implementation that keeps attention within each row "
@@ -508,6 +547,8 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
                     input_ids, position_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, second_per_grid_ts
                 )
                 use_cache = False  # transformers keeps the rows apart only without a cache
+                if self.config.text_config._attn_implementation == VARLEN_SDPA:  # attends row by row: no (total, total) mask
+                    attention_mask = {kind: None for kind in set(self.config.text_config.layer_types)}
         encode_aux = slots is not None and latent_targets is None and aux_pixel_values is not None
         if pixel_values is not None and mm_encoder_outputs is None:
             mm_encoder_outputs, aux_features = self._encode_images(
@@ -831,6 +872,7 @@ __all__ = [
     "GapLatentHead",
     "GapQwen2_5VLForConditionalGeneration",
     "StreamingPCA",
+    "VARLEN_SDPA",
     "add_latent_tokens",
     "fit_latent_head_pca",
     "from_qwen2_5_vl",

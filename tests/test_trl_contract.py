@@ -300,6 +300,8 @@ def test_every_sft_config_field_is_in_the_readme_table():
 # ---- padding-free ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_padding_free_loss_and_gradients_equal_the_padded_batch(tmp_path, attention):
+    """eager: one block-diagonal causal mask over the concatenated rows (transformers' packed mask); sdpa: the
+    trainer runs it row by row (`gap_varlen_sdpa`, the cost of variable-length kernels)."""
     model, processor = build_tiny_gap(seed=0)
     model.config._attn_implementation = attention
     two_turns = messages_row(3, span=True)
@@ -334,7 +336,8 @@ def test_padding_free_trains_and_is_refused_for_an_attention_that_cannot(tmp_pat
                             processing_class=processor)
     trainer.train()
     assert trainer.state.log_history[0]["latent_row_fraction"] == 0.5
-    model.config._attn_implementation_internal = "paged|sdpa"
+    assert model.config.text_config._attn_implementation == "gap_varlen_sdpa"  # sdpa, row by row
+    model.config.text_config._attn_implementation_internal = "paged|sdpa"
     with pytest.raises(ValueError, match="Padding-free batches need an attention implementation") as error:
         trainer.compute_loss(model, train_batch(trainer, rows))
     assert "\n" not in str(error.value)

@@ -38,6 +38,8 @@ from trl.kernels.chunked_logprob import _use_triton
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, maybe_gather_lm_head_ctx
 
+from modeling_gap.modeling_gap import VARLEN_SDPA
+
 from .collator import ROW_INDEX_COLUMN, GapDataCollator, validate_gap_dataset
 from .gap_sft_config import GapSFTConfig
 
@@ -197,6 +199,10 @@ class GapSFTTrainer(SFTTrainer):
         if not hasattr(base, "latent_head") or not hasattr(base.config, "latent_pad_token_id"):
             raise TypeError(f"GapSFTTrainer trains GAP models; got {type(base).__name__}.")
         # The trainer's settings win over the checkpoint's and are saved with it.
+        if self.padding_free and base.config.text_config._attn_implementation == "sdpa":
+            # The same attention, row by row: no (total, total) mask over the concatenated rows.
+            base.config.text_config._attn_implementation = VARLEN_SDPA
+            logger.info("padding_free: the text model's sdpa attention runs row by row (%s).", VARLEN_SDPA)
         base.config.latent_loss_weight = float(args.latent_loss_weight)
         base.config.latent_loss = args.latent_loss
         if args.freeze_vision_tower:
