@@ -24,7 +24,6 @@ targets), `latent_row_fraction` (fraction of rows with latent supervision). The 
 micro-batches that have spans.
 """
 
-import functools
 import logging
 import re
 import warnings
@@ -194,6 +193,11 @@ class GapSFTTrainer(SFTTrainer):
                     f"padding_free=True cannot give each row of a concatenated batch {peft_type}'s virtual tokens: "
                     "train it with padded batches (padding_free=False)."
                 )
+            if args.latent_feedback_training == "self" and peft_type != "PREFIX_TUNING":
+                raise ValueError(
+                    f"latent_feedback_training='self' computes its closed-loop latents without {peft_type}'s virtual "
+                    "tokens: use latent_feedback_training='teacher' with prompt learning."
+                )
 
         base = self._gap_model()
         if not hasattr(base, "latent_head") or not hasattr(base.config, "latent_pad_token_id"):
@@ -216,6 +220,7 @@ class GapSFTTrainer(SFTTrainer):
                     param.data = param.data.to(dtype)
         self._latent_pad_id, self._latent_start_id, _ = base.config.latent_token_ids
         self._step_counts = None
+        self._forward_redirection = _ForwardRedirection()
 
     # ---- datasets ------------------------------------------------------------------------------------------
     def _prepare_gap_dataset(self, dataset, processing_class, args: GapSFTConfig, name: str):
@@ -268,12 +273,16 @@ class GapSFTTrainer(SFTTrainer):
 
     # ---- the loss ------------------------------------------------------------------------------------------
     def _closed_loop_latents(self, base, forward_inputs: dict):
-        """The head's own latents for every slot of the batch (no gradient, eval mode: no EMA update)."""
+        """The head's own latents for every slot of the batch (no gradient, eval mode: no EMA update). Every rank
+        runs as many passes (the most any rank needs), so that sharded weights are gathered in step."""
+        passes = (forward_inputs["input_ids"] == self._latent_pad_id).sum(-1).max().reshape(1)
+        if self.accelerator.num_processes > 1:
+            passes = self.accelerator.gather(passes).max()
         was_training = base.training
         base.eval()
         try:
             with torch.no_grad():
-                return base.closed_loop_latent_inputs(**forward_inputs)
+                return base.closed_loop_latent_inputs(num_passes=max(int(passes), 1), **forward_inputs)
         finally:
             base.train(was_training)
 
@@ -343,7 +352,7 @@ class GapSFTTrainer(SFTTrainer):
                 value = inputs[key]
                 fill = value.new_ones if key == "attention_mask" else value.new_zeros
                 inputs[key] = torch.cat([fill((batch_size, num_virtual)), value], dim=1)
-        return base(**inputs)
+        return base.forward(**inputs)
 
     # ---- the loss ------------------------------------------------------------------------------------------
     def _text_loss_sum(self, log_probs: torch.Tensor, logits: torch.Tensor | None, mask: torch.Tensor):
@@ -372,28 +381,43 @@ class GapSFTTrainer(SFTTrainer):
         rows = inputs.get("gap_row_indices")
         forward_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "gap_row_indices")}
         forward_inputs["use_cache"] = False
-        slots_in_batch = inputs["input_ids"] == self._latent_pad_id
-        if self.args.latent_feedback_training == "self" and bool(slots_in_batch.any()):
+        if self.args.latent_feedback_training == "self":
             forward_inputs["latent_inputs"] = self._closed_loop_latents(base, forward_inputs)
         smoothing = self.args.label_smoothing_factor > 0 and self.args.loss_type == "nll"
         full_logits = return_outputs or self.compute_loss_func is not None or smoothing
         forward_inputs["logits_to_keep"] = 0 if full_logits else 1
 
-        captured = {}
-
-        def keep_hidden_states(module, args, output):
-            captured["hidden_states"] = output.last_hidden_state
-
-        handle = base.model.register_forward_hook(keep_hidden_states)
         prompt_learning = self._prompt_learning_model()
+
+        def forward_and_score(**kwargs):
+            # Runs as the GAP model's own forward (redirected through every wrapper: DeepSpeed, DDP, PEFT), so
+            # that the LM head's weight, gathered here under ZeRO-3, is used where its gradient hooks are armed.
+            # Under PEFT prompt learning it replaces the PeftModel's forward and prepends the virtual tokens itself.
+            captured = {}
+
+            def keep_hidden_states(module, args, output):
+                captured["hidden_states"] = output.last_hidden_state
+
+            handle = base.model.register_forward_hook(keep_hidden_states)
+            try:
+                if prompt_learning is not None:
+                    outputs = self._forward_with_virtual_tokens(prompt_learning, **kwargs)
+                else:
+                    outputs = base.forward(**kwargs)
+            finally:
+                handle.remove()
+            hidden_states = captured["hidden_states"]
+            num_virtual = hidden_states.shape[1] - labels.shape[1]  # PEFT's virtual tokens, in front
+            if num_virtual:
+                hidden_states = hidden_states[:, num_virtual:]
+                if outputs.logits is not None and outputs.logits.shape[1] > labels.shape[1]:
+                    outputs.logits = outputs.logits[:, num_virtual:]
+            return outputs, self._token_log_probs(base, hidden_states, labels)
+
         try:
-            if prompt_learning is not None:
-                outputs = _ForwardRedirection()(
-                    model, prompt_learning, functools.partial(self._forward_with_virtual_tokens, prompt_learning),
-                    **forward_inputs,
-                )
-            else:
-                outputs = model(**forward_inputs)
+            outputs, scores = self._forward_redirection(
+                model, base if prompt_learning is None else prompt_learning, forward_and_score, **forward_inputs
+            )
         except ValueError as error:
             if rows is None:
                 raise
@@ -401,25 +425,15 @@ class GapSFTTrainer(SFTTrainer):
             named = re.sub(r"\bRow (\d+)", lambda m: f"Batch row {m.group(1)} (dataset row "
                            f"{rows[int(m.group(1))].item() if int(m.group(1)) < len(rows) else '?'})", str(error))
             raise ValueError(f"{named} [dataset rows of this batch: {rows.tolist()}]") from error
-        finally:
-            handle.remove()
 
-        hidden_states = captured.pop("hidden_states")
-        logits = outputs.logits if full_logits else None
-        num_virtual = hidden_states.shape[1] - labels.shape[1]  # PEFT's virtual tokens, in front
-        if num_virtual:
-            hidden_states = hidden_states[:, num_virtual:]
-            if logits is not None:
-                logits = outputs.logits = logits[:, num_virtual:]
-        log_probs, entropy, is_top1, mask = self._token_log_probs(base, hidden_states, labels)
+        log_probs, entropy, is_top1, mask = scores
         ce_sum = -log_probs.sum()
         num_tokens = mask.sum()
-        text_sum = self._text_loss_sum(log_probs, logits, mask)
+        text_sum = self._text_loss_sum(log_probs, outputs.logits if full_logits else None, mask)
         weight = self.args.latent_loss_weight
         has_spans = outputs.latent_loss is not None
         num_slots = outputs.latent_predictions.shape[0] * outputs.latent_predictions.shape[1] if has_spans else 0
         latent_sum = outputs.latent_loss.float() * num_slots if has_spans else None
-
         if mode == "train" and self._step_counts is not None:
             step_tokens, step_slots = self._step_counts.to(ce_sum.device).clamp(min=1)
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
@@ -439,6 +453,10 @@ class GapSFTTrainer(SFTTrainer):
             if has_spans and weight > 0:
                 loss = loss + weight * outputs.latent_loss.float()
             self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: Trainer divides by the accumulation steps
+        if not has_spans and outputs.latent_predictions is not None:
+            # The head ran on no rows (see the model's forward): its zero term gives its weights a zero gradient,
+            # so that every rank reduces the same gradients whether or not its batch had spans.
+            loss = loss + outputs.latent_predictions.sum() * 0
 
         self._log_gap_metrics(mode, inputs, outputs, ce_sum, num_tokens, latent_sum, num_slots, entropy, is_top1)
         if return_outputs:

@@ -50,7 +50,7 @@ def load_sft_model(script_args, training_args, model_args):
 
 # What `accelerate launch` sets for a config that shards the model: accelerate runs these on GPUs only (on a machine
 # without one, every process would train alone, on the same output_dir).
-GPU_ONLY_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+GPU_ONLY_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP"}
 
 
 def check_launch():
