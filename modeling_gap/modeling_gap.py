@@ -537,6 +537,10 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
             latent slots instead of the (projected) targets, e.g. closed-loop latents from
             [`~GapQwen2_5VLForConditionalGeneration.closed_loop_latent_inputs`]; the loss still regresses on targets.
 
+        Padding-free batches (rows concatenated into one batch row, no `attention_mask`, (1, total) `position_ids`
+        restarting at 0 at each row): each row's M-RoPE positions are computed on its own and attention stays within
+        rows (`padding_free_position_ids`); spans and targets are per row as in a padded batch.
+
         Returns `loss = ce_loss + config.latent_loss_weight * latent_loss`, `ce_loss`, `latent_loss`,
         `latent_predictions`, `latent_targets` and the stock outputs.
         """

@@ -21,7 +21,13 @@ What `GapDataCollator` does with one row:
 5. `max_length`: a sequence may only be cut in text after its last image and its last latent span; a cut image or
    span is an error, and so is a cut that leaves no supervised token.
 
-Rows are padded on the right (training), whatever `tokenizer.padding_side` says. Every malformed row raises a
+TRL's other formats: a conversational prompt-completion row is its `prompt` + `completion` messages (labels: the
+completion, TRL's mask); a plain-text row (`text`, or string `prompt` / `completion`, or what `formatting_func` returns)
+is encoded as the raw text with EOS appended, all of it (or the completion) labelled. `assistant_only_loss=False`
+labels the whole conversation, as TRL does.
+
+Rows are padded on the right (training), whatever `tokenizer.padding_side` says; `padding_free=True` concatenates
+them instead (`position_ids` restarting at each row, no `attention_mask`). Every malformed row raises a
 `GapDataError` whose message starts with `Row <index>:`. The index is the dataset index when the row carries the
 `gap_row_index` column (which `GapSFTTrainer` adds), otherwise the row's position in the list given to the collator.
 `validate_gap_dataset` runs the same checks over a whole dataset (images decoded from their stored bytes, so that an

@@ -18,6 +18,13 @@ accumulation 1, batch 1 x accumulation 2 and 2 processes x batch 1 give the same
 `get_batch_samples` (one all-reduce per step), before the micro-batches run. In evaluation each batch is normalised
 by its own counts.
 
+TRL's contract: the constructor takes `SFTTrainer`'s arguments in its order; the text loss is TRL's (`loss_type`
+"nll" or "dft", `label_smoothing_factor`, `compute_loss_func`; equal to stock TRL's on the same rows without spans);
+PEFT prompt tuning / P-tuning prepend their virtual tokens in front of the ids the GAP forward reads; TRL's dataset
+formats train (`messages`, prompt-completion, plain text, `formatting_func`) with TRL's label masks; `padding_free`
+concatenates each batch's rows (the same losses as padded); what GAP cannot honour is refused when the trainer or its
+config is built (`GapSFTConfig`). The README's "Fine-tune" section has the table.
+
 Metrics added to TRL's (`entropy`, `mean_token_accuracy`, `num_tokens`), averaged over the logging window:
 `ce_loss`, `latent_loss` (per slot), `latent_norm_ratio` (mean norm of the head's outputs / mean norm of the
 targets), `latent_row_fraction` (fraction of rows with latent supervision). The latent ones are logged for the
@@ -60,8 +67,9 @@ class GapSFTTrainer(SFTTrainer):
     """Supervised fine-tuning of a GAP model (`GapQwen2_5VLForConditionalGeneration`) with TRL.
 
     Takes the same arguments as [`~trl.SFTTrainer`]; `args` is a [`GapSFTConfig`] (a plain `SFTConfig` or
-    `TrainingArguments` is converted with GAP's defaults). Datasets are in GAP's schema (see `trainers.schema`); the
-    default collator is [`GapDataCollator`], and every row is checked up front when `args.validate_dataset`.
+    `TrainingArguments` is converted with GAP's defaults). Datasets are in GAP's schema or TRL's other formats (see
+    `trainers.schema`); the default collator is [`GapDataCollator`], and every row is checked up front when
+    `args.validate_dataset`.
     `processing_class` must be a GAP processor (loaded from the model's path when omitted). LoRA / QLoRA: pass
     `peft_config=gap_lora_config(...)` (and a model loaded with `gap_quantization_config()`).
     """
