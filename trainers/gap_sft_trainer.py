@@ -283,7 +283,12 @@ class GapSFTTrainer(SFTTrainer):
     def _closed_loop_latents(self, base, forward_inputs: dict):
         """The head's own latents for every slot of the batch (no gradient, eval mode: no EMA update). Every rank
         runs as many passes (the most any rank needs), so that sharded weights are gathered in step."""
-        passes = (forward_inputs["input_ids"] == self._latent_pad_id).sum(-1).max().reshape(1)
+        slots = forward_inputs["input_ids"] == self._latent_pad_id
+        if "position_ids" in forward_inputs and "attention_mask" not in forward_inputs:  # padding-free: per row
+            row_of_token = (forward_inputs["position_ids"].reshape(-1) == 0).cumsum(0) - 1
+            slots = torch.zeros(int(row_of_token[-1]) + 1, dtype=torch.long, device=slots.device).index_add_(
+                0, row_of_token.to(slots.device), slots.reshape(-1).long())
+        passes = slots.sum(-1).max().reshape(1) if slots.dtype == torch.bool else slots.max().reshape(1)
         if self.accelerator.num_processes > 1:
             passes = self.accelerator.gather(passes).max()
         was_training = base.training
