@@ -24,7 +24,7 @@ ANSWERS = ["Red.", "It is green, and the corner is lighter.", "The left one, at 
 
 def config(tmp_path, cls=GapSFTConfig, **overrides):
     options = dict(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-                   per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, logging_steps=1, seed=0,
+                   per_device_train_batch_size=4, max_steps=1, learning_rate=1e-2, logging_steps=1, seed=0,
                    disable_tqdm=True, max_length=None)
     if cls is GapSFTConfig:
         options.update(latent_loss_weight=0.5)
@@ -162,7 +162,7 @@ def test_prompt_learning_trains_with_latent_spans(tmp_path, method):
     peft_config = (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4) if method == "prompt_tuning"
                    else PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=32))
     rows = [messages_row(i, span=True) for i in range(4)]
-    trainer = GapSFTTrainer(model, args=config(tmp_path, max_steps=3), train_dataset=dataset(rows),
+    trainer = GapSFTTrainer(model, args=config(tmp_path), train_dataset=dataset(rows),
                             processing_class=processor, peft_config=peft_config)
     prompt_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     frozen_before = model.lm_head.weight.detach().clone()
@@ -227,6 +227,22 @@ def test_plain_text_rows_train_as_text_sft(tmp_path):
     assert processor.tokenizer.decode(labels[labels != -100]) == rows[0]["text"] + "<|im_end|>"  # TRL adds EOS
     trainer.train()
     assert trainer.state.log_history[0]["latent_row_fraction"] == 0
+
+
+@pytest.mark.parametrize("case", ["pre_tokenized", "assistant_only_text", "completion_only_messages",
+                                  "marker_in_prompt"])
+def test_rows_a_setting_cannot_train_are_refused_naming_the_row(tiny_gap, case):
+    _, processor = tiny_gap
+    row, options = {
+        "pre_tokenized": ({"input_ids": [1, 2, 3]}, {}),
+        "assistant_only_text": ({"text": "plain"}, dict(assistant_only_loss=True)),
+        "completion_only_messages": (messages_row(0), dict(completion_only_loss=True)),
+        "marker_in_prompt": ({"prompt": "Look <|latent|>", "completion": " red", "aux_images": [solid_image(COLORS[0])]},
+                             {}),
+    }[case]
+    with pytest.raises(ValueError, match=r"^Row 0: ") as error:
+        GapDataCollator(processor, **options)([row])
+    assert "\n" not in str(error.value)
 
 
 def test_formatting_func_turns_rows_into_text(tmp_path):
