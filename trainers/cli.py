@@ -28,6 +28,9 @@ STAGES = {
     "make-tiny": ("trainers.tiny", "make_tiny", ["trainers.arguments:MakeTinyArguments"]),
     "make-data": ("trainers.dataset_loader", "make_data", ["trainers.arguments:MakeDataArguments"]),
     "demo": ("trainers.demo", "main", None),
+    # lmms-eval (trainers/lmms_eval_plugin; installed by `make install`)
+    "lmms-eval": ("trainers.lmms_eval_plugin.runner", "main", None),
+    "lmms-eval-tasks": ("trainers.lmms_eval_plugin.runner", "write_tasks_main", None),
 }
 SUMMARIES = {
     "convert": "Monet / Mirage / LVR data -> GAP's dataset schema",
@@ -42,6 +45,8 @@ SUMMARIES = {
     "make-tiny": "write a tiny random GAP (or stock Qwen2.5-VL) checkpoint, offline",
     "make-data": "write the offline synthetic task (train / test splits in GAP's schema)",
     "demo": "the offline end-to-end demo (make demo)",
+    "lmms-eval": "run lmms-eval's CLI (model `gap`), failing unless its results file holds every task's result",
+    "lmms-eval-tasks": "write lmms-eval task YAMLs over local data (GAP rows; vstar/hrbench/mme-realworld/mathvista)",
 }
 
 
