@@ -12,8 +12,6 @@ import glob
 import io
 import json
 import os
-import subprocess
-import sys
 
 import datasets
 import pytest
@@ -54,9 +52,9 @@ def predictions(output_dir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def gap_eval(model, data, output_dir, **options) -> tuple[dict, list[dict]]:
+def gap_eval(model, data, output_dir, batch_size=2, **options) -> tuple[dict, list[dict]]:
     args = EvalArguments(model_name_or_path=str(model), dataset_name=str(data), max_new_tokens=MAX_NEW_TOKENS,
-                         batch_size=2, output_dir=str(output_dir), **options)
+                         batch_size=batch_size, output_dir=str(output_dir), **options)
     return run_evaluation(args), predictions(output_dir)
 
 
@@ -123,8 +121,8 @@ def workspace(tmp_path_factory):
     pinned = pinned.remove_columns("answer").add_column("answer", answers)
     pinned.save_to_disk(str(root / "boards-pinned"))
     results, records = gap_eval(root / "model", root / "boards-pinned", root / "eval")
-    zero_results, zero_records = gap_eval(root / "model", root / "boards-pinned", root / "eval-zero",
-                                          latent_intervention="zero")
+    _, zero_records = gap_eval(root / "model", root / "boards-pinned", root / "eval-zero", batch_size=1,
+                               latent_intervention="zero")
 
     stand_ins = write_benchmark_stand_ins(root)
     names = write_tasks_main(["--output_dir", str(root / "tasks"), "--gap_dataset", str(root / "boards-pinned"),
@@ -180,15 +178,17 @@ def test_the_four_benchmarks_run_with_their_own_task_yamls(harness_run):
 
 
 def test_latent_intervention_zero_through_model_args_changes_the_tokens(workspace, harness_run):
+    # two data-parallel processes (torchrun on CPU), each with its copy of the model and half the documents
     output = workspace["root"] / "lmms-zero"
     model_args = (f"pretrained={workspace['model']},max_new_tokens={MAX_NEW_TOKENS},latent_intervention=zero,"
                   "show_latent_spans=true")
-    result = subprocess.run(
-        [sys.executable, "-m", "lmms_eval", "--model", "gap", "--model_args", model_args, "--tasks", "gap_shapes",
-         "--include_path", workspace["tasks"], "--batch_size", "2", "--log_samples", "--output_path", str(output)],
-        env=lmms_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_gap("lmms-eval", "--num_processes", "2", "--model", "gap", "--model_args", model_args,
+                     "--tasks", "gap_shapes", "--include_path", workspace["tasks"], "--batch_size", "1",
+                     "--log_samples", "--output_path", str(output), env=lmms_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Running on rank 1" in result.stdout + result.stderr
     zero = [s["filtered_resps"] for s in samples(str(output), "gap_shapes")]
+    assert len(zero) == 6
     assert all(text.startswith(LATENT_MARKER) for text in zero)  # show_latent_spans: where the span was
     zero = [text.removeprefix(LATENT_MARKER) for text in zero]
     assert zero == [r["generated"].strip() for r in workspace["zero_records"]]  # as gap eval --latent_intervention zero

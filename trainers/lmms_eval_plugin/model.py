@@ -6,9 +6,11 @@
 `--model_args` are the fields of `GapLmmsConfig` (`key=value,key=value`); `--batch_size` and `--device` are
 lmms-eval's own flags. Several GPUs: `accelerate launch --num_processes N -m lmms_eval --model gap ...` runs one copy
 of the model per process, each on its own device and its share of the documents (lmms-eval's data parallelism, as for
-its own models); `device_map=auto` instead splits one copy over the GPUs of a single process.
+its own models; on CPU `torchrun --nproc_per_node N -m lmms_eval ...`, since accelerate's launcher starts a single
+process on a machine without GPUs); `device_map=auto` instead splits one copy over the GPUs of a single process.
 """
 
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -121,13 +123,17 @@ class GapLmms(lmms):
         super().__init__()
         self.gap_config = config = GapLmmsConfig.from_model_args(**model_args)
         self.accelerator = accelerator = Accelerator()
-        if accelerator.num_processes > 1:
-            # lmms-eval's data parallelism: one copy of the model per process, the documents shared out by rank.
+        world_size = max(accelerator.num_processes, int(os.environ.get("WORLD_SIZE", "1")))
+        if world_size > 1:
+            # lmms-eval's data parallelism: one copy of the model per process, the documents shared out by rank
+            # (`accelerate launch` on GPUs; `torchrun` also on CPU, where accelerate's launcher starts one process).
             if config.device_map is not None:
                 raise ValueError("gap: device_map splits one copy over GPUs; with several processes each process "
                                  "holds its own copy: drop device_map, or run one process.")
-            self._device = accelerator.device
-            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+            local_rank = int(os.environ.get("LOCAL_RANK", accelerator.local_process_index))
+            self._device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+            self._rank = int(os.environ.get("RANK", accelerator.process_index))
+            self._world_size = world_size
         else:
             self._device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         gap_options = {"preset": config.preset, "num_latent_tokens": config.num_latent_tokens}

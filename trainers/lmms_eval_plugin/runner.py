@@ -1,9 +1,10 @@
 """`gap lmms-eval ...`: lmms-eval's CLI, then a check of what it wrote.
 
 lmms-eval exits 0 when an evaluation fails (it prints the traceback and writes no results), so a script cannot
-trust its exit code. This wrapper runs `python -m lmms_eval ARGS` (under `accelerate launch --num_processes N` with
-`--num_processes N`), then fails unless a results file written by this run exists under `--output_path` (default
-`outputs/lmms-eval`) and holds a result for every task asked for, with no error in it. It prints the file's path.
+trust its exit code. This wrapper runs `python -m lmms_eval ARGS` (with `--num_processes N`: under `accelerate
+launch --num_processes N` on GPUs, `torchrun --nproc_per_node N` on CPU), then fails unless a results file written
+by this run exists under `--output_path` (default `outputs/lmms-eval`) and holds a result for every task asked for,
+with no error in it. It prints the file's path.
 
     gap lmms-eval --model gap --model_args pretrained=ORG/gap-7b --tasks gap_shapes --include_path outputs/lmms-tasks
     gap lmms-eval --num_processes 8 --model gap --model_args pretrained=ORG/gap-7b --tasks vstar_bench
@@ -37,10 +38,21 @@ def _option(args: list[str], name: str) -> str | None:
 
 def lmms_eval_command(lmms_args: list[str], num_processes: int = 1) -> list[str]:
     """The command line that runs lmms-eval's CLI with `lmms_args` (one process, or `accelerate launch`)."""
-    if num_processes > 1:
+    if num_processes > 1 and torch_cuda_available():
+        # lmms-eval's own way on GPUs: one process per GPU, each with its copy of the model
         return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
                 "-m", "lmms_eval", *lmms_args]
+    if num_processes > 1:
+        # without GPUs accelerate's launcher starts a single process; torchrun starts N (gloo; --standalone: a free port)
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
+                "-m", "lmms_eval", *lmms_args]
     return [sys.executable, "-m", "lmms_eval", *lmms_args]
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def find_results(output_path: str, since: float) -> list[str]:
@@ -102,7 +114,8 @@ def main(argv: list[str] | None = None) -> str:
         "result (lmms-eval itself exits 0 when an evaluation fails). Other arguments go to lmms-eval: `lmms-eval "
         "--help` lists them.")
     parser.add_argument("--num_processes", type=int, default=1,
-                        help="Data-parallel processes (accelerate launch): one model copy per GPU.")
+                        help="Data-parallel processes, one model copy each: accelerate launch on GPUs (one per GPU), "
+                        "torchrun on CPU.")
     own, lmms_args = parser.parse_known_args(argv)
     if not lmms_args:
         raise SystemExit(parser.format_help() + "\nNo lmms-eval arguments given (e.g. --model gap --tasks ...).")
