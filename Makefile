@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # `make install TORCH=torch==2.11.0`; an already installed torch is kept.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test clean install-vllm test-vllm
+.PHONY: install demo test clean install-vllm test-vllm install-lmms-eval
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,7 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(MAKE) install-lmms-eval
 
 demo: install
 	OMP_NUM_THREADS=1 $(BIN)/python recipes/demo.py --threads 1
@@ -46,3 +47,14 @@ install-vllm: $(VLLM_BIN)/python
 # The fixtures are built with the main environment (.venv), the tests run in .venv-vllm (about 3 minutes).
 test-vllm: install install-vllm
 	cd gap_vllm && OMP_NUM_THREADS=1 GAP_MAIN_PYTHON=$(abspath $(BIN))/python $(abspath $(VLLM_BIN))/python -m pytest -q tests
+
+# lmms-eval (the model `gap`: trainers/lmms_eval_plugin), in the main environment. lmms-eval itself without its
+# declared requirements (--no-deps: its torchvision is a CUDA build that does not import beside the CPU torch, and
+# breaks transformers' AutoProcessor once installed); what the plugin and the four image tasks need is the extra
+# `.[lmms]`. On a GPU machine whose torchvision imports, `pip install lmms-eval==0.7.3` with its requirements works too.
+LMMS_EVAL ?= lmms-eval==0.7.3
+
+install-lmms-eval: $(BIN)/python
+	$(BIN)/python -m pip show -q $(firstword $(subst ==, ,$(LMMS_EVAL))) 2>/dev/null || ( \
+		$(BIN)/python -m pip install -q -e ".[lmms]" && \
+		$(BIN)/python -m pip install -q --no-deps "$(LMMS_EVAL)" )

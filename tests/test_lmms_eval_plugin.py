@@ -77,7 +77,7 @@ def write_benchmark_stand_ins(root) -> dict[str, str]:
                                    category=datasets.Value("string")))
     datasets.DatasetDict(test=vstar).save_to_disk(folders["vstar_bench"])
     hrbench = datasets.Dataset.from_dict(dict(
-        index=[0, 1], image=[_png_base64(i) for i in images], question=["What colour is the sign?", "Where is the car?"],
+        index=[0, 1], image=[_png_base64(i) for i in images], question=["What colour is the sign?", "Where is it?"],
         A=["red", "left"], B=["blue", "right"], C=["green", "top"], D=["white", "bottom"], answer=["A", "B"],
         category=["single", "cross"], cycle_category=["c0", "c1"]))
     datasets.DatasetDict(hrbench_4k=hrbench).save_to_disk(folders["hrbench4k"])
@@ -137,7 +137,8 @@ def harness_run(workspace):
     """`gap lmms-eval` (lmms-eval's CLI) with the model `gap` on the GAP task and the four benchmarks, one run."""
     output = workspace["root"] / "lmms-out"
     result = run_gap(
-        "lmms-eval", "--model", "gap", "--model_args", f"pretrained={workspace['model']},max_new_tokens={MAX_NEW_TOKENS}",
+        "lmms-eval", "--model", "gap",
+        "--model_args", f"pretrained={workspace['model']},max_new_tokens={MAX_NEW_TOKENS}",
         "--tasks", ",".join(["gap_shapes", *BENCHMARK_TASKS]), "--include_path", workspace["tasks"],
         "--batch_size", "2", "--log_samples", "--output_path", str(output), env=lmms_env(), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

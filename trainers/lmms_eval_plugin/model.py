@@ -42,7 +42,7 @@ class GapLmmsConfig:
     num_latent_tokens: int | None = field(default=None, metadata={"help": "Stock checkpoints only: K."})
     dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16, float32."})
     device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu (default: cuda if there is one)."})
-    device_map: str | None = field(default=None, metadata={"help": "e.g. auto: one copy split over this process' GPUs."})
+    device_map: str | None = field(default=None, metadata={"help": "auto: one copy split over this process' GPUs."})
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, flash_attention_2."})
     batch_size: int = field(default=1, metadata={"help": "Requests per generate call (lmms-eval's --batch_size)."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "Overrides the task's max_new_tokens. Latent "
@@ -62,7 +62,8 @@ class GapLmmsConfig:
         if self.preset is not None and self.preset not in LATENT_PRESETS:
             raise ValueError(f"gap: preset must be one of {tuple(LATENT_PRESETS)}; got {self.preset!r}.")
         if self.latent_feedback is not None and self.latent_feedback not in LATENT_FEEDBACK_MODES:
-            raise ValueError(f"gap: latent_feedback must be one of {LATENT_FEEDBACK_MODES}; got {self.latent_feedback!r}.")
+            raise ValueError(f"gap: latent_feedback must be one of {LATENT_FEEDBACK_MODES}; "
+                             f"got {self.latent_feedback!r}.")
         if self.latent_intervention not in LATENT_INTERVENTIONS:
             choices = tuple(i for i in LATENT_INTERVENTIONS if i)
             raise ValueError(f"gap: latent_intervention must be one of {choices}; got {self.latent_intervention!r}.")

@@ -43,7 +43,7 @@ def lmms_eval_command(lmms_args: list[str], num_processes: int = 1) -> list[str]
         return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
                 "-m", "lmms_eval", *lmms_args]
     if num_processes > 1:
-        # without GPUs accelerate's launcher starts a single process; torchrun starts N (gloo; --standalone: a free port)
+        # without GPUs accelerate's launcher starts one process; torchrun starts N (gloo; --standalone: a free port)
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
                 "-m", "lmms_eval", *lmms_args]
     return [sys.executable, "-m", "lmms_eval", *lmms_args]
