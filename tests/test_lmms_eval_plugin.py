@@ -236,3 +236,45 @@ def test_task_folder_refuses_benchmark_data_without_the_split(tmp_path):
     data.save_to_disk(str(tmp_path / "vstar"))
     with pytest.raises(ValueError, match="with the split 'test'.*found \\['validation'\\]"):
         write_task_folder(str(tmp_path / "tasks"), benchmarks={"vstar_bench": str(tmp_path / "vstar")})
+
+
+def test_a_stock_checkpoint_loads_with_a_preset_and_answers_in_batches(tmp_path):
+    """In process, through lmms-eval's registry and its `Instance`s: a stock checkpoint converted with the Monet
+    preset answers 3 requests in batches of 2 exactly as `generate_answers` does on the same conversion; the model
+    argument `max_new_tokens` overrides the request's; `until` cuts the text."""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+    from testing_utils import COLORS, solid_image
+
+    from modeling_gap import from_qwen2_5_vl
+    from trainers.evaluation import EvalRow, generate_answers
+    from trainers.tiny import save_tiny_qwen2_5_vl
+
+    stock = save_tiny_qwen2_5_vl(str(tmp_path / "stock"))
+    lm = get_model("gap").create_from_arg_string(
+        f"pretrained={stock},preset=monet,num_latent_tokens=3,max_new_tokens=6", {"batch_size": "2", "device": None})
+    assert (lm.model.config.latent_start_token, lm.model.config.num_latent_tokens) == ("<abs_vis_token>", 3)
+    questions = ["Colour?", "Which corner?", "Why?"]
+    lm.task_dict = {"t": {"test": [{"image": solid_image(COLORS[i]), "question": q} for i, q in enumerate(questions)]}}
+
+    def doc_to_messages(doc):
+        return [{"role": "user", "content": [{"type": "image", "url": doc["image"]},
+                                             {"type": "text", "text": doc["question"]}]}]
+
+    model, processor = from_qwen2_5_vl(stock, preset="monet", num_latent_tokens=3)
+    rows = [EvalRow(images=[solid_image(COLORS[i])], question=q, answer="x", choices=None, kind="text")
+            for i, q in enumerate(questions)]
+    expected = [r["generated"] for r in generate_answers(model.eval(), processor, rows, batch_size=2, progress=False,
+                                                         max_new_tokens=6)]
+    stop = expected[0][2:4]
+    requests = [Instance("generate_until", ("", doc_to_messages, {"max_new_tokens": 64, "until": [stop]}, i, "t",
+                                            "test"), idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1})
+                for i in range(3)]
+    try:
+        results = lm.generate_until(requests)
+    finally:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)  # the model's Accelerator: none left for later tests
+    assert [r.text for r in results] == [text.split(stop)[0] for text in expected]
+    assert len(results[0].text) < len(expected[0]) and all(r.token_counts.output_tokens <= 6 for r in results)
