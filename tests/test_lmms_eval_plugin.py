@@ -231,11 +231,15 @@ def test_model_args_are_checked_and_typed():
         GapLmmsConfig.from_model_args(latent_intervention="zero")
 
 
-def test_task_folder_refuses_benchmark_data_without_the_split(tmp_path):
+def test_task_folder_refuses_benchmark_data_without_the_split_or_a_column(tmp_path):
     data = datasets.DatasetDict(validation=datasets.Dataset.from_dict({"text": ["q"]}))
     data.save_to_disk(str(tmp_path / "vstar"))
     with pytest.raises(ValueError, match="with the split 'test'.*found \\['validation'\\]"):
         write_task_folder(str(tmp_path / "tasks"), benchmarks={"vstar_bench": str(tmp_path / "vstar")})
+    data = datasets.DatasetDict(test=datasets.Dataset.from_dict({"text": ["q"], "label": ["A"]}))
+    data.save_to_disk(str(tmp_path / "vstar2"))
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['image', 'question_id', 'category'\]"):
+        write_task_folder(str(tmp_path / "tasks"), benchmarks={"vstar_bench": str(tmp_path / "vstar2")})
 
 
 def test_a_stock_checkpoint_loads_with_a_preset_and_answers_in_batches(tmp_path):

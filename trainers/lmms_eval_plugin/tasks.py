@@ -30,6 +30,14 @@ BENCHMARKS = {
     "mmerealworld": ("mme_realworld/mme_realworld.yaml", "train"),
     "mathvista_testmini": ("mathvista/mathvista_testmini.yaml", "testmini"),
 }
+# The columns each task's functions read (lmms-eval 0.7.3), checked before a local copy is written.
+BENCHMARK_COLUMNS = {
+    "vstar_bench": ["image", "text", "label", "question_id", "category"],
+    "hrbench4k": ["index", "image", "question", "A", "B", "C", "D", "answer", "category", "cycle_category"],
+    "mmerealworld": ["index", "bytes", "question", "multi-choice options", "answer", "category", "l2-category"],
+    "mathvista_testmini": ["pid", "decoded_image", "question", "query", "choices", "answer", "question_type",
+                           "answer_type", "metadata"],
+}
 LOCAL_SUFFIX = "_local"
 UTILS_MODULE = "gap_lmms_tasks"  # the `!function` module written beside the YAMLs
 
@@ -151,7 +159,7 @@ def benchmark_task_configs(benchmark: str, dataset_path: str, judge: bool = True
         raise ValueError(f"unknown benchmark {benchmark!r}; local copies exist for {sorted(BENCHMARKS)}.")
     relative, split = BENCHMARKS[benchmark]
     path = os.path.join(lmms_eval_tasks_dir(), relative)
-    _check_split(benchmark, dataset_path, split)
+    _check_data(benchmark, dataset_path, split)
     config = _read_yaml(path)
     if "group" not in config:
         return {benchmark + LOCAL_SUFFIX + ".yaml": _local_task(benchmark, benchmark, path, dataset_path, judge)}
@@ -164,7 +172,8 @@ def benchmark_task_configs(benchmark: str, dataset_path: str, judge: bool = True
     return files
 
 
-def _check_split(benchmark: str, dataset_path: str, split: str):
+def _check_data(benchmark: str, dataset_path: str, split: str):
+    """The folder holds a DatasetDict with the task's split and the columns its functions read."""
     import datasets
 
     if not os.path.isdir(dataset_path):
@@ -174,6 +183,11 @@ def _check_split(benchmark: str, dataset_path: str, split: str):
         found = sorted(data) if isinstance(data, datasets.DatasetDict) else "a Dataset, not a DatasetDict"
         raise ValueError(f"{benchmark}: {dataset_path} must be a DatasetDict with the split {split!r} that lmms-eval's "
                          f"task reads; found {found}. Save it as DatasetDict({{{split!r}: dataset}}).")
+    missing = [c for c in BENCHMARK_COLUMNS[benchmark] if c not in data[split].column_names]
+    if missing:
+        raise ValueError(f"{benchmark}: the split {split!r} of {dataset_path} lacks the column(s) {missing} that "
+                         f"lmms-eval's task reads (it has {data[split].column_names}): save the benchmark's own "
+                         "columns.")
 
 
 def _as_dataset_dict(path: str, split: str, copy_to: str) -> str:
@@ -220,6 +234,7 @@ def write_task_folder(output_dir: str, gap_dataset: str | None = None, gap_split
 
 __all__ = [
     "BENCHMARKS",
+    "BENCHMARK_COLUMNS",
     "benchmark_task_configs",
     "gap_doc_to_text",
     "gap_doc_to_visual",
