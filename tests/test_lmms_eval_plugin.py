@@ -12,6 +12,7 @@ import glob
 import io
 import json
 import os
+import warnings
 
 import datasets
 import pytest
@@ -22,10 +23,12 @@ from modeling_gap.configuration_gap import LATENT_MARKER
 from trainers.arguments import EvalArguments
 from trainers.demo import make_splits, save_test_split
 from trainers.evaluation import run_evaluation
-from trainers.lmms_eval_plugin.model import GapLmmsConfig
 from trainers.lmms_eval_plugin.runner import LmmsEvalFailed, check_results, write_tasks_main
 from trainers.lmms_eval_plugin.tasks import write_task_folder
 from trainers.tiny import build_tiny_gap
+
+with warnings.catch_warnings():  # importing lmms-eval turns every warning off (lmms_eval.utils): not for later tests
+    from trainers.lmms_eval_plugin.model import GapLmmsConfig
 
 MAX_NEW_TOKENS = 24
 BENCHMARK_TASKS = ["vstar_bench_local", "hrbench4k_local", "mmerealworld_local", "mathvista_testmini_local"]
