@@ -165,18 +165,22 @@ def test_deepspeed_json_through_the_trainer_argument(rank_script, ddp_run, tmp_p
 
 def test_stock_checkpoint_converted_under_zero3_init(rank_script, tmp_path):
     """A stock Qwen2.5-VL is loaded partitioned (zero.Init) straight into the GAP class, its head fitted on
-    partitioned weights, and trains as under DDP."""
+    partitioned weights, and trains as under DDP; with closed-loop feedback (`latent_feedback_training="self"`), whose
+    extra passes every rank runs as many times."""
     stock = tmp_path / "stock"
     subprocess.run([GAP, "make-tiny", "--stock", "--output_dir", str(stock)], check=True, capture_output=True)
-    extra = ["--model_name_or_path", str(stock), "--max_steps", "3"]
+    extra = ["--model_name_or_path", str(stock), "--max_steps", "3", "--latent_feedback_training", "self"]
     zero3 = launch(rank_script, "zero3.yaml", tmp_path / "zero3", *extra)
     ddp = launch(rank_script, "ddp.yaml", tmp_path / "ddp", *extra)
     assert_same_curve(zero3, ddp)
 
 
 def test_lora_under_zero3_trains_the_head_in_full(rank_script, tmp_path):
-    records = launch(rank_script, "zero3.yaml", tmp_path / "lora", "--use_peft", "true", "--max_steps", "3",
-                     "--learning_rate", "1e-2")
+    """LoRA on a saved GAP checkpoint (loaded partitioned by `from_pretrained` under zero.Init)."""
+    checkpoint = tmp_path / "gap"
+    subprocess.run([GAP, "make-tiny", "--output_dir", str(checkpoint)], check=True, capture_output=True)
+    records = launch(rank_script, "zero3.yaml", tmp_path / "lora", "--model_name_or_path", str(checkpoint),
+                     "--use_peft", "true", "--max_steps", "3", "--learning_rate", "1e-2")
     losses = curve(records, "latent_loss")
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     adapter = tmp_path / "lora" / "adapter_config.json"
