@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # `make install TORCH=torch==2.11.0`; an already installed torch is kept.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test clean install-vllm test-vllm install-lmms-eval
+.PHONY: install demo test clean install-vllm test-vllm install-deepspeed install-lmms-eval
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,12 @@ install: $(BIN)/python
 demo: install
 	OMP_NUM_THREADS=1 $(BIN)/python recipes/demo.py --threads 1
 
-test: install
+# DeepSpeed (the sharded-training tests) is built from its source distribution against the installed torch.
+DEEPSPEED ?= deepspeed==0.19.8
+install-deepspeed: install
+	$(BIN)/python -c "import deepspeed" 2>/dev/null || $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED)"
+
+test: install install-deepspeed
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-vllm
 
