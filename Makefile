@@ -14,7 +14,6 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
-	$(MAKE) install-lmms-eval
 
 demo: install
 	OMP_NUM_THREADS=1 $(BIN)/python recipes/demo.py --threads 1
@@ -24,7 +23,7 @@ DEEPSPEED ?= deepspeed==0.19.8
 install-deepspeed: install
 	$(BIN)/python -c "import deepspeed" 2>/dev/null || $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED)"
 
-test: install install-deepspeed
+test: install install-deepspeed install-lmms-eval
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-vllm
 
