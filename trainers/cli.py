@@ -27,7 +27,11 @@ STAGES = {
     "push": ("trainers.hub", "publish", ["trainers.arguments:PushArguments"]),
     "make-tiny": ("trainers.tiny", "make_tiny", ["trainers.arguments:MakeTinyArguments"]),
     "make-data": ("trainers.dataset_loader", "make_data", ["trainers.arguments:MakeDataArguments"]),
+    "memory-plan": ("trainers.memory_plan", "memory_plan", ["trainers.memory_plan:MemoryPlanArguments"]),
     "demo": ("trainers.demo", "main", None),
+    # lmms-eval (trainers/lmms_eval_plugin; installed by `make install`)
+    "lmms-eval": ("trainers.lmms_eval_plugin.runner", "main", None),
+    "lmms-eval-tasks": ("trainers.lmms_eval_plugin.runner", "write_tasks_main", None),
 }
 SUMMARIES = {
     "convert": "Monet / Mirage / LVR data -> GAP's dataset schema",
@@ -41,7 +45,10 @@ SUMMARIES = {
     "push": "publish a hub_configs/ variant (weights, code, card) in one commit",
     "make-tiny": "write a tiny random GAP (or stock Qwen2.5-VL) checkpoint, offline",
     "make-data": "write the offline synthetic task (train / test splits in GAP's schema)",
+    "memory-plan": "parameters and memory per GPU of the 7B recipes (full ZeRO-3, LoRA, QLoRA), no download",
     "demo": "the offline end-to-end demo (make demo)",
+    "lmms-eval": "run lmms-eval's CLI (model `gap`), failing unless its results file holds every task's result",
+    "lmms-eval-tasks": "write lmms-eval task YAMLs over local data (GAP rows; vstar/hrbench/mme-realworld/mathvista)",
 }
 
 
