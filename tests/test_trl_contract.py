@@ -257,8 +257,8 @@ def test_formatting_func_turns_rows_into_text(tmp_path):
 
 # ---- every SFTConfig field works or is refused ------------------------------------------------------------------------
 REFUSED = {
-    "packing": dict(packing=True),
-    "eval_packing": dict(eval_packing=True),
+    "packing_strategy": dict(packing=True, max_length=512, packing_strategy="wrapped"),
+    "packing without max_length": dict(eval_packing=True),
     "truncation_mode": dict(truncation_mode="keep_end"),
     "dataset_num_proc": dict(dataset_num_proc=2),
     "padding_free with pad_to_multiple_of": dict(padding_free=True, pad_to_multiple_of=8),
@@ -268,7 +268,7 @@ REFUSED = {
 @pytest.mark.parametrize("fields", list(REFUSED.values()), ids=list(REFUSED))
 def test_fields_gap_cannot_honour_are_refused_in_one_line(tmp_path, fields):
     with pytest.raises(ValueError) as error:
-        with pytest.warns(FutureWarning) if fields.get("truncation_mode") else _no_warning_check():
+        with pytest.warns(FutureWarning) if fields.get("truncation_mode") else _no_warning_check():  # TRL's
             config(tmp_path, **fields)
     assert "\n" not in str(error.value) and len(str(error.value)) < 300
 
@@ -357,3 +357,22 @@ def test_padding_free_trains_and_is_refused_for_an_attention_that_cannot(tmp_pat
     with pytest.raises(ValueError, match="Padding-free batches need an attention implementation") as error:
         trainer.compute_loss(model, train_batch(trainer, rows))
     assert "\n" not in str(error.value)
+
+
+def test_packing_packs_whole_rows_into_max_length_and_trains(tmp_path):
+    model, processor = build_tiny_gap(seed=0)
+    rows = [messages_row(i, "word " * (4 * i) + ANSWERS[i % 4], span=True) for i in range(6)]
+    max_length = 300
+    trainer = GapSFTTrainer(model, args=config(tmp_path, packing=True, max_length=max_length,
+                                               per_device_train_batch_size=1), train_dataset=dataset(rows),
+                            processing_class=processor)
+    packs = trainer.train_dataset
+    assert len(packs) < len(rows)
+    seen = []
+    for i in range(len(packs)):
+        batch = trainer.data_collator([packs[i]])
+        assert "attention_mask" not in batch and batch["input_ids"].shape[1] <= max_length
+        seen += batch["gap_row_indices"].tolist()
+    assert sorted(seen) == list(range(6))  # every row once, none split
+    trainer.train()
+    assert "latent_loss" in trainer.state.log_history[0]

@@ -50,6 +50,35 @@ from modeling_gap.configuration_gap import LATENT_MARKER
 from .schema import ROLES, remove_latent_markers, row_format, row_markers, row_messages
 
 ROW_INDEX_COLUMN = "gap_row_index"
+PACKED_ROWS = "gap_packed_rows"  # an item of a packed dataset: the list of rows of one pack
+
+
+def pack_rows_bfd(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing, as TRL's `packing_strategy="bfd"`, over whole rows: the row indices grouped into packs of
+    at most `capacity` tokens (longest rows first, each into the fullest pack it fits; a row is never split)."""
+    packs, room = [], []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        length = min(lengths[index], capacity)
+        fits = [p for p, free in enumerate(room) if free >= length]
+        if fits:
+            best = min(fits, key=lambda p: room[p])
+            packs[best].append(index)
+            room[best] -= length
+        else:
+            packs.append([index])
+            room.append(capacity - length)
+    return [sorted(pack) for pack in packs]
+
+
+class PackedRows:
+    """`datasets` transform of a packed dataset (one `gap_pack` column of row indices): each item becomes the list of
+    its rows from `source`, under `PACKED_ROWS`, which `GapDataCollator` concatenates padding-free."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __call__(self, batch):
+        return {PACKED_ROWS: [[self.source[i] for i in pack] for pack in batch["gap_pack"]]}
 
 
 class GapDataError(ValueError):
@@ -608,6 +637,9 @@ class GapDataCollator:
 
     # ---- a batch -------------------------------------------------------------------------------------------
     def __call__(self, rows: list[Mapping]) -> dict[str, torch.Tensor]:
+        # Items of a packed dataset hold several rows: a batch of packs is the batch of all their rows.
+        rows = [row for item in rows for row in (
+            item[PACKED_ROWS] if isinstance(item, Mapping) and PACKED_ROWS in item else [item])]
         encoded, indices = [], []
         for position, row in enumerate(rows):
             index = row.get(ROW_INDEX_COLUMN, position) if isinstance(row, Mapping) else position
@@ -726,9 +758,12 @@ __all__ = [
     "GapDataCollator",
     "GapDataError",
     "GapDatasetValidationError",
+    "PACKED_ROWS",
+    "PackedRows",
     "PreparedRow",
     "ROW_INDEX_COLUMN",
     "load_image",
+    "pack_rows_bfd",
     "remove_latent_markers",
     "validate_gap_dataset",
 ]

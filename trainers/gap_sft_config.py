@@ -17,9 +17,10 @@ class GapSFTConfig(SFTConfig):
     `assistant_only_loss=None` (GAP's labels: the assistant turns of `messages` rows, the completion of
     prompt-completion rows, all of a text row; `True` / `False` as in TRL).
 
-    TRL's fields that GAP cannot honour are refused here, in one line: `packing=True` / `eval_packing=True` (use
-    `padding_free=True`), `truncation_mode="keep_end"`, `dataset_num_proc` (no dataset pass to parallelise), and
-    `pad_to_multiple_of` with `padding_free`. The README's "Fine-tune" section lists what GAP does with each field.
+    TRL's fields that GAP cannot honour are refused here, in one line: `packing_strategy` other than `"bfd"` (GAP
+    packs whole rows), packing without `max_length`, `truncation_mode="keep_end"`, `dataset_num_proc` (no dataset
+    pass to parallelise), and `pad_to_multiple_of` with `padding_free` or packing. The README's "Fine-tune" section
+    lists what GAP does with each field.
 
     Parameters:
         > GAP losses
@@ -134,12 +135,13 @@ class GapSFTConfig(SFTConfig):
 
     def _refuse_unsupported_trl_fields(self):
         """One line per `SFTConfig` field GAP cannot honour (never accepted and ignored)."""
-        if self.packing or self.eval_packing:
+        if (self.packing or self.eval_packing) and self.packing_strategy != "bfd":
             raise ValueError(
-                "packing=True / eval_packing=True are not supported: TRL packs tokenized rows before training, and GAP "
-                "rows are encoded on the fly (images, aux images, latent spans), so their lengths are unknown then. "
-                "Use padding_free=True (each batch's rows concatenated without padding, the same losses)."
+                f"packing_strategy={self.packing_strategy!r} cuts rows, which would cut images and latent spans: GAP "
+                "packs whole rows, packing_strategy='bfd'."
             )
+        if (self.packing or self.eval_packing) and self.max_length is None:
+            raise ValueError("packing needs max_length (the tokens of one pack), as in TRL.")
         if self.truncation_mode != "keep_start":
             raise ValueError(
                 f"truncation_mode={self.truncation_mode!r} is not supported: cutting the start drops image tokens; "
@@ -150,8 +152,10 @@ class GapSFTConfig(SFTConfig):
                 "dataset_num_proc is not supported: GAP prepares no dataset (each row is encoded by the collator "
                 "when batched). Use dataloader_num_workers to encode rows in parallel."
             )
-        if self.padding_free and self.pad_to_multiple_of:
-            raise ValueError("padding_free=True concatenates rows: pad_to_multiple_of has nothing to pad; unset it.")
+        if (self.padding_free or self.packing or self.eval_packing) and self.pad_to_multiple_of:
+            raise ValueError(
+                "padding_free / packing concatenate rows: pad_to_multiple_of has nothing to pad; unset it."
+            )
 
 
 __all__ = [

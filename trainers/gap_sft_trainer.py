@@ -22,8 +22,9 @@ TRL's contract: the constructor takes `SFTTrainer`'s arguments in its order; the
 "nll" or "dft", `label_smoothing_factor`, `compute_loss_func`; equal to stock TRL's on the same rows without spans);
 PEFT prompt tuning / P-tuning prepend their virtual tokens in front of the ids the GAP forward reads; TRL's dataset
 formats train (`messages`, prompt-completion, plain text, `formatting_func`) with TRL's label masks; `padding_free`
-concatenates each batch's rows (the same losses as padded); what GAP cannot honour is refused when the trainer or its
-config is built (`GapSFTConfig`). The README's "Fine-tune" section has the table.
+concatenates each batch's rows (the same losses as padded) and `packing` ("bfd") packs whole rows into `max_length`
+before training, each pack padding-free; what GAP cannot honour is refused when the trainer or its config is built
+(`GapSFTConfig`). The README's "Fine-tune" section has the table.
 
 Metrics added to TRL's (`entropy`, `mean_token_accuracy`, `num_tokens`), averaged over the logging window:
 `ce_loss`, `latent_loss` (per slot), `latent_norm_ratio` (mean norm of the head's outputs / mean norm of the
@@ -46,13 +47,20 @@ from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, maybe_gather_lm_head_
 
 from modeling_gap.modeling_gap import VARLEN_SDPA
 
-from .collator import ROW_INDEX_COLUMN, GapDataCollator, validate_gap_dataset
+from .collator import (
+    PACKED_ROWS,
+    ROW_INDEX_COLUMN,
+    GapDataCollator,
+    PackedRows,
+    pack_rows_bfd,
+    validate_gap_dataset,
+)
 from .gap_sft_config import GapSFTConfig
 
 logger = logging.getLogger(__name__)
 
 DATASET_COLUMNS = ["images", "image", "messages", "prompt", "completion", "aux_images", "use_latent", "base_pass_rate",
-                   ROW_INDEX_COLUMN]
+                   ROW_INDEX_COLUMN, "gap_pack", PACKED_ROWS]
 
 
 def _is_peft_model(model) -> bool:
@@ -110,8 +118,8 @@ class GapSFTTrainer(SFTTrainer):
             raise ValueError(  # TRL's refusal: a formatted row is plain text, it has no completion
                 "formatting_func turns rows into plain text, which has no completion: unset completion_only_loss."
             )
-        if args.padding_free and data_collator is not None:
-            raise ValueError("padding_free=True needs GAP's collator: do not pass a data_collator (as in TRL).")
+        if (args.padding_free or args.packing or args.eval_packing) and data_collator is not None:
+            raise ValueError("padding_free / packing need GAP's collator: do not pass a data_collator (as in TRL).")
 
         if processing_class is None:
             path = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
@@ -135,15 +143,18 @@ class GapSFTTrainer(SFTTrainer):
             dataset_text_field=args.dataset_text_field, formatting_func=formatting_func,
         )
         self._collator_options = collator_options
+        eval_packing = args.packing if args.eval_packing is None else args.eval_packing
         if train_dataset is not None:
-            train_dataset = self._prepare_gap_dataset(train_dataset, processing_class, args, "train")
+            train_dataset = self._prepare_gap_dataset(train_dataset, processing_class, args, "train", args.packing)
         if isinstance(eval_dataset, dict):
             eval_dataset = {
-                key: self._prepare_gap_dataset(value, processing_class, args, key)
+                key: self._prepare_gap_dataset(value, processing_class, args, key, eval_packing)
                 for key, value in eval_dataset.items()
             }
         elif eval_dataset is not None:
-            eval_dataset = self._prepare_gap_dataset(eval_dataset, processing_class, args, "eval")
+            eval_dataset = self._prepare_gap_dataset(eval_dataset, processing_class, args, "eval", eval_packing)
+        # Packing is padding-free over packs of whole rows (as TRL's "bfd" packing implies padding-free).
+        padding_free = args.padding_free or args.packing or bool(eval_packing)
 
         if data_collator is None:
             data_collator = GapDataCollator(
@@ -154,14 +165,16 @@ class GapSFTTrainer(SFTTrainer):
                 pad_to_multiple_of=args.pad_to_multiple_of,
                 escape_special_tokens=args.escape_special_tokens,
                 return_row_indices=True,
-                padding_free=args.padding_free,
+                padding_free=padding_free,
                 **collator_options,
             )
 
-        # TRL refuses padding-free for vision datasets and swaps the chat template for assistant-only masks; GAP's
-        # collator does both itself, so TRL's constructor sees those two fields off.
-        padding_free, assistant_only_loss = args.padding_free, args.assistant_only_loss
-        args.padding_free, args.assistant_only_loss = False, False
+        # TRL refuses padding-free and packing for vision datasets, packs tokenized rows itself and swaps the chat
+        # template for assistant-only masks; GAP does all of it itself, so TRL's constructor sees those fields off.
+        hidden_from_trl = ("padding_free", "packing", "eval_packing", "assistant_only_loss")
+        trl_values = {name: getattr(args, name) for name in hidden_from_trl}
+        for name in hidden_from_trl:
+            setattr(args, name, False)
         try:
             super().__init__(
                 model=model,
@@ -181,7 +194,8 @@ class GapSFTTrainer(SFTTrainer):
                 formatting_func=formatting_func,
             )
         finally:
-            args.padding_free, args.assistant_only_loss = padding_free, assistant_only_loss
+            for name, value in trl_values.items():
+                setattr(args, name, value)
         self.padding_free = padding_free
         self.completion_only_loss = args.completion_only_loss
         if args.loss_type == "dft" and args.label_smoothing_factor > 0:
@@ -198,8 +212,8 @@ class GapSFTTrainer(SFTTrainer):
                 )
             if padding_free:
                 raise ValueError(
-                    f"padding_free=True cannot give each row of a concatenated batch {peft_type}'s virtual tokens: "
-                    "train it with padded batches (padding_free=False)."
+                    f"padding_free / packing cannot give each row of a concatenated batch {peft_type}'s virtual "
+                    "tokens: train it with padded batches (padding_free=False, packing=False)."
                 )
             if args.latent_feedback_training == "self" and peft_type != "PREFIX_TUNING":
                 raise ValueError(
@@ -231,8 +245,12 @@ class GapSFTTrainer(SFTTrainer):
         self._forward_redirection = _ForwardRedirection()
 
     # ---- datasets ------------------------------------------------------------------------------------------
-    def _prepare_gap_dataset(self, dataset, processing_class, args: GapSFTConfig, name: str):
+    def _prepare_gap_dataset(self, dataset, processing_class, args: GapSFTConfig, name: str, packing: bool = False):
         import datasets
+
+        if packing and not isinstance(dataset, datasets.Dataset):
+            raise ValueError(f"packing needs a map-style datasets.Dataset (the {name} dataset is "
+                             f"{type(dataset).__name__}): use padding_free=True instead.")
 
         if args.validate_dataset and isinstance(dataset, datasets.Dataset):
             summary = validate_gap_dataset(
@@ -252,7 +270,30 @@ class GapSFTTrainer(SFTTrainer):
             dataset = dataset.add_column(ROW_INDEX_COLUMN, list(range(len(dataset))))
         if args.shuffle_dataset and isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
             dataset = dataset.shuffle(seed=args.seed)  # as TRL does, once, before training
+        if packing:
+            dataset = self._pack_gap_dataset(dataset, processing_class, args, name)
         return dataset
+
+    def _pack_gap_dataset(self, dataset, processing_class, args: GapSFTConfig, name: str):
+        """Packs of whole rows of at most `max_length` tokens (best-fit decreasing over each row's encoded length,
+        one processor pass per row), as a dataset whose items are the lists of their rows."""
+        import datasets
+
+        collator = GapDataCollator(
+            processing_class, max_length=args.max_length, capacity_guided=args.capacity_guided,
+            capacity_threshold=args.capacity_threshold, escape_special_tokens=args.escape_special_tokens,
+            **self._collator_options,
+        )
+        lengths = [
+            int(collator.encode_row(row, row.get(ROW_INDEX_COLUMN, index))["input_ids"].shape[0])
+            for index, row in enumerate(dataset)
+        ]
+        packs = pack_rows_bfd(lengths, args.max_length)
+        logger.info("%s dataset: %d rows packed into %d packs of <= %d tokens", name, len(lengths), len(packs),
+                    args.max_length)
+        packed = datasets.Dataset.from_dict({"gap_pack": packs})
+        packed.set_transform(PackedRows(dataset))
+        return packed
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
