@@ -173,7 +173,8 @@ class GapDataCollator:
     Returns `input_ids`, `attention_mask`, `mm_token_type_ids`, `labels`, and, when present in the batch,
     `pixel_values` / `image_grid_thw` (question images, in row order) and `aux_pixel_values` / `aux_image_grid_thw`
     (one aux image per kept span, in row order: the latent targets are built from them inside the model's forward).
-    Every key is a forward argument, so `model(**collator(rows))` works.
+    Every key is a forward argument, so `model(**collator(rows))` works. An item of a packed dataset (`PACKED_ROWS`:
+    the rows of one pack, see `pack_rows_bfd`) stands for its rows.
 
     Args:
         processor: a `GapQwen2_5VLProcessor` (it expands `<|latent|>` markers and encodes the aux images).
