@@ -286,8 +286,8 @@ def compare_padding(args):
 
     print(f"{args.device}: {platform.processor() or platform.machine()}, torch threads {args.threads}, attention "
           f"{args.attn}; batch {args.batch}, {args.steps} timed steps after {args.warmup}, best of {args.repeats}")
-    print(f"{'shape':6} {'row tokens (min/mean/max)':>26} {'padding':>8} {'padded tok/s':>13} {'padding-free tok/s':>19} "
-          f"{'speed-up':>9}")
+    print(f"{'shape':6} {'row tokens (min/mean/max)':>26} {'padding':>8} {'padded tok/s':>13} "
+          f"{'padding-free tok/s':>19} {'speed-up':>9}")
     for shape in args.shapes.split(","):
         results = {"padded": [], "padding_free": []}
         for _ in range(args.repeats):

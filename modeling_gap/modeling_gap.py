@@ -547,13 +547,18 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
         slots = targets = aux_features = None
         if input_ids is not None and (cache is None or cache.get_seq_length() == 0):
             slots = self.latent_slot_mask(input_ids)
-            if attention_mask is None and position_ids is not None and position_ids.ndim == 2:
-                # Padding-free rows (concatenated, positions restarting per row): per-row M-RoPE positions.
+            packed = position_ids is not None and position_ids.ndim == 2 and bool((position_ids[:, 1:] == 0).any())
+            if attention_mask is None and position_ids is not None and position_ids.ndim == 2 and (
+                packed or not use_cache
+            ):
+                # Padding-free rows (concatenated, positions restarting per row; or one row in training, without a
+                # cache): per-row M-RoPE positions. A 2-D prefill that keeps a cache and has one row per batch row
+                # is left to the stock forward.
                 position_ids = self.padding_free_position_ids(
                     input_ids, position_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, second_per_grid_ts
                 )
                 use_cache = False  # transformers keeps the rows apart only without a cache
-                if self.config.text_config._attn_implementation == VARLEN_SDPA:  # attends row by row: no (total, total) mask
+                if self.config.text_config._attn_implementation == VARLEN_SDPA:  # row by row: no (total, total) mask
                     attention_mask = {kind: None for kind in set(self.config.text_config.layer_types)}
         encode_aux = slots is not None and latent_targets is None and aux_pixel_values is not None
         if pixel_values is not None and mm_encoder_outputs is None:

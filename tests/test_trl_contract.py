@@ -2,6 +2,7 @@
 `compute_loss_func`) equal to TRL's on the same rows, PEFT prompt learning, TRL's dataset formats and label masks,
 every `SFTConfig` field working or refused, and padding-free batches with the padded batch's losses and gradients."""
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -13,10 +14,9 @@ from transformers.trainer_pt_utils import LabelSmoother
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from modeling_gap import from_qwen2_5_vl
 from testing_utils import COLORS, ROOT, solid_image
 from trainers import GapDataCollator, GapSFTConfig, GapSFTTrainer
-from trainers.tiny import CHAT_TEMPLATE, build_tiny_gap, build_tiny_qwen2_5_vl
+from trainers.tiny import build_tiny_gap, build_tiny_qwen2_5_vl
 
 QUESTIONS = ["Colour?", "What colour is the big square in this picture?", "Which corner is light?", "Why?"]
 ANSWERS = ["Red.", "It is green, and the corner is lighter.", "The left one, at the top.", "Because it is blue."]
@@ -237,8 +237,8 @@ def test_rows_a_setting_cannot_train_are_refused_naming_the_row(tiny_gap, case):
         "pre_tokenized": ({"input_ids": [1, 2, 3]}, {}),
         "assistant_only_text": ({"text": "plain"}, dict(assistant_only_loss=True)),
         "completion_only_messages": (messages_row(0), dict(completion_only_loss=True)),
-        "marker_in_prompt": ({"prompt": "Look <|latent|>", "completion": " red", "aux_images": [solid_image(COLORS[0])]},
-                             {}),
+        "marker_in_prompt": (
+            {"prompt": "Look <|latent|>", "completion": " red", "aux_images": [solid_image(COLORS[0])]}, {}),
     }[case]
     with pytest.raises(ValueError, match=r"^Row 0: ") as error:
         GapDataCollator(processor, **options)([row])
@@ -255,7 +255,7 @@ def test_formatting_func_turns_rows_into_text(tmp_path):
     trainer.train()
 
 
-# ---- every SFTConfig field works or is refused ------------------------------------------------------------------------
+# ---- every SFTConfig field works or is refused ----------------------------------------------------------------------
 REFUSED = {
     "packing_strategy": dict(packing=True, max_length=512, packing_strategy="wrapped"),
     "packing without max_length": dict(eval_packing=True),
@@ -268,21 +268,13 @@ REFUSED = {
 @pytest.mark.parametrize("fields", list(REFUSED.values()), ids=list(REFUSED))
 def test_fields_gap_cannot_honour_are_refused_in_one_line(tmp_path, fields):
     with pytest.raises(ValueError) as error:
-        with pytest.warns(FutureWarning) if fields.get("truncation_mode") else _no_warning_check():  # TRL's
+        with pytest.warns(FutureWarning) if fields.get("truncation_mode") else contextlib.nullcontext():  # TRL's
             config(tmp_path, **fields)
     assert "\n" not in str(error.value) and len(str(error.value)) < 300
 
 
-class _no_warning_check:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def test_trainer_level_refusals_are_one_line(tmp_path):
-    from peft import CPTConfig
+    from peft import CPTConfig, PromptTuningConfig
 
     model, processor = build_tiny_gap(seed=0)
     rows = dataset([messages_row(i) for i in range(2)])
@@ -291,7 +283,7 @@ def test_trainer_level_refusals_are_one_line(tmp_path):
         dict(args=config(tmp_path, padding_free=True), data_collator=GapDataCollator(processor)),
         dict(args=config(tmp_path, completion_only_loss=True), formatting_func=lambda row: "text"),
         dict(args=config(tmp_path, padding_free=True),
-             peft_config=__import__("peft").PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)),
+             peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)),
         dict(args=config(tmp_path), peft_config=CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[1, 2, 3])),
     ]
     for case in cases:
@@ -313,7 +305,7 @@ def test_every_sft_config_field_is_in_the_readme_table():
     assert not missing, missing
 
 
-# ---- padding-free ------------------------------------------------------------------------------------------------------
+# ---- padding-free --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_padding_free_loss_and_gradients_equal_the_padded_batch(tmp_path, attention):
     """eager: one block-diagonal causal mask over the concatenated rows (transformers' packed mask); sdpa: the
