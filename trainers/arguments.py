@@ -179,6 +179,12 @@ class PushArguments:
     revision: str = field(default="main", metadata={"help": "Branch to commit to."})
     commit_message: str | None = field(default=None, metadata={"help": "Commit message (default: names the variant)."})
     token: str | None = field(default=None, metadata={"help": "Hub write token (default: HF_TOKEN / saved login)."})
+    # The Space (trainers.space): the latent inspector of the model, published next to it.
+    space: str | None = field(
+        default=None, metadata={"help": "Also publish the latent-inspector Space ORG/NAME for --repo-id (gradio)."})
+    space_requirement: str | None = field(
+        default=None, metadata={"help": "The Space's requirement line for this package (default: gap-vlm[space]=="
+                                        "<this version>; e.g. a pinned git URL)."})
 
 
 @dataclass
