@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # `make install TORCH=torch==2.11.0`; an already installed torch is kept.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test clean install-vllm test-vllm
+.PHONY: install demo test clean install-vllm test-vllm install-space
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ install: $(BIN)/python
 demo: install
 	OMP_NUM_THREADS=1 $(BIN)/python recipes/demo.py --threads 1
 
-test: install
+test: install install-space
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-vllm
 
@@ -46,3 +46,12 @@ install-vllm: $(VLLM_BIN)/python
 # The fixtures are built with the main environment (.venv), the tests run in .venv-vllm (about 3 minutes).
 test-vllm: install install-vllm
 	cd gap_vllm && OMP_NUM_THREADS=1 GAP_MAIN_PYTHON=$(abspath $(BIN))/python $(abspath $(VLLM_BIN))/python -m pytest -q tests
+
+# The latent-inspector Space (trainers/space.py, `gap space`): gradio (the `[space]` extra) and, for its browser test,
+# selenium with Debian's chromium + chromium-driver (apt-get, as root, only where missing; without them that one test
+# is skipped).
+install-space: install
+	$(BIN)/python -c "import gradio, selenium" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[space-test]"
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		( apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null ) || \
+		echo "note: apt-get could not install chromium and chromium-driver: the Space's browser test will be skipped"

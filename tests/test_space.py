@@ -383,3 +383,22 @@ def test_in_a_browser_upload_ask_read_the_answer_heatmaps_and_the_zeroed_answer(
     css("#image input[type=file]").send_keys(str(tmp_path / "notes.txt"))
     wait.until(lambda _: "Invalid file type: notes.txt" in css("body").text)
     assert "Traceback" not in css("body").text and "Traceback" not in log.read_text()
+
+
+def test_concurrent_requests_are_queued_and_all_answered(space_setup, served_space):
+    """Four clients at once (gradio's own client, over the queue): each gets the same answer as the library."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    _, image_path, image, model, processor = space_setup
+    expected, _ = library_generate(model, processor, image, max_new_tokens=ANSWER_TOKENS, do_sample=False,
+                                   max_latent_spans=1)
+    client = Client(served_space[0], verbose=False)
+
+    def ask(_):
+        return client.predict(handle_file(image_path), QUESTION, ANSWER_TOKENS, "greedy", 1.0, 0, 1,
+                              api_name="/inspect")[0]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(ask, range(4))) == [expected] * 4

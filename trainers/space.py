@@ -476,9 +476,9 @@ def build_app(inspector: LatentInspector, examples: list[list[str]] = (), args: 
         image.upload(check_upload, [image], [upload_status], preprocess=False, queue=False)
         image.clear(lambda: "", None, [upload_status], queue=False)
         generate.click(run, [image, question, *settings], [answer, marked, lens, norms], preprocess=False,
-                       concurrency_id="model", concurrency_limit=1)
+                       concurrency_id="model", concurrency_limit=1, api_name="inspect")
         compare_button.click(compare, [image, question, *settings, chosen], compared, preprocess=False,
-                             concurrency_id="model", concurrency_limit=1)
+                             concurrency_id="model", concurrency_limit=1, api_name="compare")
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     return demo
 
@@ -494,6 +494,8 @@ def run_space(args: SpaceArguments):
     if importlib.util.find_spec("gradio") is None:
         raise ValueError(f"the Space needs gradio, an optional dependency: pip install -e '.[space]' "
                          f"(gradio=={GRADIO_VERSION})")
+    # Gradio reports usage over the network unless told not to; offline (and by default) it is not.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     inspector = LatentInspector.from_pretrained(args.model_name_or_path, revision=args.revision,
                                                 trust_remote_code=args.trust_remote_code,
                                                 allow_pickle_weights=args.allow_pickle_weights)
