@@ -134,6 +134,7 @@ class Inspection:
 
     answer: str  # the generated text, special tokens dropped (as `gap eval` reads it)
     segments: list[tuple[str, str | None]]  # text runs (label None) and latent spans (label "latent span i")
+    # Spans and latents are numbered from 0, as `gap latent-lens` numbers its panels.
     maps: torch.Tensor  # (spans, K, gh, gw) latent-lens cosine similarities
     latent_norms: torch.Tensor  # (spans, K) norm of each fed latent
     visual_embedding_norm: float  # mean norm of the image's visual embeddings
@@ -148,6 +149,7 @@ class LatentInspector:
     """One GAP model and its processor, answering one image and question at a time (a lock serialises callers)."""
 
     def __init__(self, model, processor, name: str = "model"):
+        """`name`: how the page names the model (a Hub id, or a checkpoint folder's name)."""
         if getattr(model.config, "latent_start_token_id", None) is None:
             raise ValueError(f"{name} is not a GAP model (its config has no latent tokens): the inspector shows "
                              "latent spans; convert a stock checkpoint with `gap fit-pca` first.")
@@ -162,7 +164,8 @@ class LatentInspector:
 
         model, processor = load_model(name_or_path, stock="keep", revision=revision,
                                       trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights)
-        return cls(model, processor, name=str(name_or_path))
+        name = str(name_or_path)
+        return cls(model, processor, name=os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name)
 
     @property
     def num_latent_tokens(self) -> int:
@@ -194,7 +197,7 @@ class LatentInspector:
 
     def segments(self, generated_ids: list[int]) -> list[tuple[str, str | None]]:
         """The generated text split into text runs (label None) and latent spans, each shown as
-        "[K latents]" with the label "latent span i" (1-based)."""
+        "[K latents]" with the label "latent span i" (from 0, as `gap latent-lens` numbers them)."""
         _, start_id, end_id = self.model.config.latent_token_ids
         segments, run, span, slots = [], [], 0, 0
 
@@ -209,8 +212,8 @@ class LatentInspector:
                 flush()
                 inside, slots = True, 0
             elif inside and token == end_id:
-                span += 1
                 segments.append((f"[{slots} latents]", f"latent span {span}"))
+                span += 1
                 inside = False
             elif inside:
                 slots += 1
@@ -218,7 +221,7 @@ class LatentInspector:
                 run.append(token)
         flush()
         if inside:  # cut by max new tokens inside a span
-            segments.append((f"[{slots} latents, unfinished]", f"latent span {span + 1}"))
+            segments.append((f"[{slots} latents, unfinished]", f"latent span {span}"))
         return segments
 
     def inspect(self, image, question: str, config: InspectorConfig) -> Inspection:
@@ -263,7 +266,7 @@ def lens_figures(image, maps: torch.Tensor) -> list[tuple[object, str]]:
             buffer = io.BytesIO()
             draw_lens(image, maps[s : s + 1, j : j + 1], buffer, first=(s, j))
             buffer.seek(0)
-            figures.append((Image.open(buffer).convert("RGB"), f"span {s + 1}, latent {j + 1}"))
+            figures.append((Image.open(buffer).convert("RGB"), f"span {s} latent {j}"))
     return figures
 
 
@@ -275,7 +278,7 @@ def norms_markdown(inspection: Inspection) -> str:
         return "\n".join(lines + ["No latent span was generated: nothing was fed back."])
     lines += ["| span | latent | fed-latent norm | / visual-embedding norm |", "|---|---|---|---|"]
     for s, row in enumerate(inspection.latent_norms.tolist()):
-        lines += [f"| {s + 1} | {j + 1} | {norm:.4g} | {norm / visual:.3f} |" for j, norm in enumerate(row)]
+        lines += [f"| {s} | {j} | {norm:.4g} | {norm / visual:.3f} |" for j, norm in enumerate(row)]
     return "\n".join(lines)
 
 
@@ -457,7 +460,7 @@ def build_app(inspector: LatentInspector, examples: list[list[str]] = (), args: 
                 marked = gr.HighlightedText(label="Answer with its latent spans", combine_adjacent=False,
                                             elem_id="marked")
                 lens = gr.Gallery(label="Latent lens: one heatmap per latent (cosine similarity to visual tokens)",
-                                  columns=min(k, 4), object_fit="contain", height=None, elem_id="lens")
+                                  columns=min(k, 4), object_fit="contain", height=320, elem_id="lens")
                 norms = gr.Markdown(elem_id="norms")
         gr.Markdown("## Interventions on the fed latents\nThe same settings and seed, with the fed latents "
                     "replaced: `zero` (zeros), `noise` (Gaussian noise at each latent's norm), `shuffle` (one fixed "
