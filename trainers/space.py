@@ -240,14 +240,19 @@ class LatentInspector:
             generated_ids=generated,
         )
 
-    def answers_under(self, image, question: str, config: InspectorConfig, interventions) -> dict[str, str]:
-        """The answer unchanged ("none") and under each intervention, with the same settings and seed."""
+    def answers_under(self, image, question: str, config: InspectorConfig, interventions,
+                      on_answer=None) -> dict[str, str]:
+        """The answer unchanged ("none") and under each intervention, with the same settings and seed;
+        `on_answer(done, total, name)` is called before each generation (the page's progress bar)."""
         unknown = [name for name in interventions if name not in SPACE_INTERVENTIONS]
         if unknown:
             raise UploadError(f"unknown intervention {unknown[0]!r}; choose from {', '.join(SPACE_INTERVENTIONS)}.")
         inputs = self.inputs(image, question)
         answers = {}
-        for name in (None, *interventions):
+        names = (None, *interventions)
+        for done, name in enumerate(names):
+            if on_answer is not None:
+                on_answer(done, len(names), name or "none")
             with self._lock:
                 out = self.generate(inputs, config, latent_intervention=name)
             answers[name or "none"] = self.decode(out.sequences[0, inputs["input_ids"].shape[1]:])
@@ -422,8 +427,9 @@ def build_app(inspector: LatentInspector, examples: list[list[str]] = (), args: 
             image = image_of(payload)
             if not chosen:
                 raise UploadError("Tick at least one intervention to compare with the unchanged answer.")
-            progress(0.1, desc=f"generating under {', '.join(['none', *chosen])}")
-            answers = inspector.answers_under(image, question, config, [c for c in SPACE_INTERVENTIONS if c in chosen])
+            answers = inspector.answers_under(
+                image, question, config, [c for c in SPACE_INTERVENTIONS if c in chosen],
+                on_answer=lambda done, total, name: progress(done / total, desc=f"answer under {name}"))
         except Exception as error:  # noqa: BLE001
             raise shown(error) from None
         return [answers["none"]] + [answers.get(name, "(not run)") for name in SPACE_INTERVENTIONS]
