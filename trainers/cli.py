@@ -25,7 +25,7 @@ STAGES = {
     "diagnose-norms": ("trainers.diagnostics", "run_norm_diagnosis", ["trainers.arguments:EvalArguments"]),
     "latent-lens": ("trainers.diagnostics", "run_latent_lens", ["trainers.arguments:EvalArguments"]),
     "push": ("trainers.hub", "publish", ["trainers.arguments:PushArguments"]),
-    "space": ("trainers.space", "run_space", ["trainers.space:SpaceArguments"]),
+    "space": ("trainers.space", "run_space", ["trainers.arguments:SpaceArguments"]),
     "make-tiny": ("trainers.tiny", "make_tiny", ["trainers.arguments:MakeTinyArguments"]),
     "make-data": ("trainers.dataset_loader", "make_data", ["trainers.arguments:MakeDataArguments"]),
     "demo": ("trainers.demo", "main", None),

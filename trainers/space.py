@@ -21,11 +21,11 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .arguments import ModelArguments
+from .arguments import SpaceArguments
 from .diagnostics import draw_lens, first_image_tokens, lens_maps
 from .evaluation import EvalRow, build_prompt
 
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 GRADIO_VERSION = "6.31.0"
 # The interventions the page offers (`mean` is left to `gap probe`: it measures the input shift, not the content).
 SPACE_INTERVENTIONS = ("zero", "noise", "shuffle", "drop")
-EXAMPLES_FILE = "examples.json"
+EXAMPLES_FILE = "examples.json"  # in an examples folder: [[image file, question], ...]
 
 
 class UploadError(ValueError):
@@ -43,34 +43,6 @@ class UploadError(ValueError):
 
 
 # ---- settings --------------------------------------------------------------------------------------------------------
-@dataclass
-class SpaceArguments(ModelArguments):
-    """`gap space`: run the latent inspector of one checkpoint (a directory, offline, or a Hub id)."""
-
-    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch or commit sha) to load."})
-    host: str | None = field(
-        default=None, metadata={"help": "Address to listen on (default: gradio's, 127.0.0.1; a Space sets 0.0.0.0)."})
-    port: int | None = field(default=None, metadata={"help": "Port (default: gradio's, 7860 or the next free one)."})
-    examples_dir: str | None = field(
-        default=None, metadata={"help": f"Folder of example images with an {EXAMPLES_FILE} of [image, question] "
-                                        "pairs (default: two boards of the synthetic shape task)."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Initial 'max new tokens' of the page."})
-    max_latent_spans: int | None = field(
-        default=None, metadata={"help": "Initial 'max latent spans' of the page (default: no limit)."})
-    max_upload_pixels: int = field(
-        default=25_000_000, metadata={"help": "Refuse uploaded images of more pixels (width x height) than this."})
-    max_upload_mb: int = field(default=20, metadata={"help": "Refuse uploaded files larger than this (MB)."})
-    queue_size: int = field(
-        default=32, metadata={"help": "Requests that may wait for the model; more are turned away with a message."})
-
-    def __post_init__(self):
-        for name in ("max_new_tokens", "max_upload_pixels", "max_upload_mb", "queue_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)!r}.")
-        if self.max_latent_spans is not None and self.max_latent_spans < 0:
-            raise ValueError(f"--max_latent_spans must be >= 0 or left out; got {self.max_latent_spans!r}.")
-
-
 @dataclass
 class InspectorConfig:
     """The generation settings of one request (the page's controls), passed to GAP `generate` as they are."""
