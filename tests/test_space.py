@@ -245,6 +245,19 @@ def test_push_space_publishes_the_app_card_requirements_and_examples_in_one_comm
     assert not any(TOKEN.encode() in content for content in files.values())
     assert TOKEN not in done.stdout + done.stderr
 
+    # --space alone, with the package from a pinned git URL: the Space is published again for the model repo's head,
+    # one more commit on top.
+    source = "gap-vlm[space] @ git+https://example.org/acme/gap@0123abc"
+    again = push(hub, tmp_path, "--variant", VARIANT, "--repo-id", "acme/gap-inspected", "--space",
+                 "acme/gap-inspector", "--space_requirement", source)
+    assert again.returncode == 0, again.stderr[-3000:]
+    history = hub.repo("acme/gap-inspector", "space").history()
+    assert len(history) == 3 and history[0].parent == history[1].sha
+    files = hub.files("acme/gap-inspector", "space")
+    assert f"revision={model_sha!r}" in files["app.py"].decode()
+    assert files["requirements.txt"].decode().splitlines()[1:] == [source]
+    assert hub.repo("acme/gap-inspected").branches["main"] == model_sha  # the model was not pushed again
+
     # The pyproject's [space] extra pins the gradio the card names.
     pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
     assert f'space = ["gradio=={GRADIO_VERSION}"]' in pyproject
