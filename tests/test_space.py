@@ -220,6 +220,7 @@ def test_push_space_publishes_the_app_card_requirements_and_examples_in_one_comm
     assert set(files) == {".gitattributes", "app.py", "requirements.txt", "README.md", "examples/examples.json",
                           "examples/board_0.png", "examples/board_1.png"}
     assert f"published Space acme/gap-inspector at {space.branches['main']}" in done.stdout
+    assert "acme/gap-inspected is private: give the Space a read token as its secret HF_TOKEN" in done.stdout
 
     card = files["README.md"].decode()
     metadata = yaml.safe_load(card.split("---")[1])

@@ -7,7 +7,8 @@
 commit after the model's: `app.py` (loads the model at the commit just made), `requirements.txt` (this package,
 pinned, with its `[space]` extra; `--space_requirement` for another source such as a pinned git URL), a README with
 the Space card (`sdk: gradio`, `sdk_version`, `app_file`, `models:`) and example images; the model card links it.
-Without `--checkpoint` the Space is published for the model repo's current head.
+Without `--checkpoint` the Space is published for the model repo's current head. The Space's commit goes to its
+`main` branch (the one a Space serves); a private model needs a read token as the Space's secret `HF_TOKEN` (printed).
 
 `--variant` is a file in `hub_configs/` (see `HubVariant`): what the card says about the model. `--checkpoint` is a
 GAP checkpoint directory (`save_pretrained` of the model and the processor) or, for a `kind: lora` variant, a PEFT
@@ -605,22 +606,26 @@ def push_space(args: PushArguments, variant: HubVariant, token: str, model_revis
     from huggingface_hub import CommitOperationAdd, HfApi
 
     space, api = args.space, HfApi(token=token)
-    if model_revision is None:
-        with step(space, f"read the head of the model repo {args.repo_id}", token):
-            model_revision = api.model_info(args.repo_id, revision=args.revision).sha
+    with step(space, f"read the model repo {args.repo_id}", token):
+        model = api.model_info(args.repo_id, revision=model_revision or args.revision)
+    model_revision = model_revision or model.sha
     files = prepare_space(args, variant, token, model_revision)
     with step(space, "create the Space", token):
         api.create_repo(space, repo_type="space", space_sdk="gradio", private=not args.public, exist_ok=True)
-    with step(space, f"read the head of '{args.revision}'", token):
-        head = api.repo_info(space, repo_type="space", revision=args.revision)
+    # A Space serves its main branch, whichever branch the model went to.
+    with step(space, "read the head of 'main'", token):
+        head = api.repo_info(space, repo_type="space", revision="main")
     operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=content) for path, content in files.items()]
     with step(space, "upload the Space files and commit", token,
-              note=f". Nothing was published: '{args.revision}' is still at {head.sha}."):
-        commit = api.create_commit(space, repo_type="space", operations=operations, revision=args.revision,
+              note=f". Nothing was published: 'main' is still at {head.sha}."):
+        commit = api.create_commit(space, repo_type="space", operations=operations, revision="main",
                                    parent_commit=head.sha,
                                    commit_message=f"Latent inspector for {args.repo_id} at {model_revision[:12]}")
     print(f"published Space {space} at {commit.oid} ({len(operations)} files, one commit; the app loads "
           f"{args.repo_id} at {model_revision})")
+    if model.private:
+        print(f"  {args.repo_id} is private: give the Space a read token as its secret HF_TOKEN (Space settings), "
+              "or it cannot load the model")
     return dict(space_repo_id=space, space_sha=commit.oid, space_files=sorted(files))
 
 
