@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # `make install TORCH=torch==2.11.0`; an already installed torch is kept.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test clean install-vllm test-vllm install-deepspeed install-lmms-eval
+.PHONY: install demo test clean install-vllm test-vllm install-deepspeed install-lmms-eval install-space
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ DEEPSPEED ?= deepspeed==0.19.8
 install-deepspeed: install
 	$(BIN)/python -c "import deepspeed" 2>/dev/null || $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED)"
 
-test: install install-deepspeed install-lmms-eval
+test: install install-deepspeed install-lmms-eval install-space
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-vllm
 
@@ -62,3 +62,12 @@ install-lmms-eval: $(BIN)/python
 	$(BIN)/python -m pip show -q $(firstword $(subst ==, ,$(LMMS_EVAL))) 2>/dev/null || ( \
 		$(BIN)/python -m pip install -q -e ".[lmms]" && \
 		$(BIN)/python -m pip install -q --no-deps "$(LMMS_EVAL)" )
+
+# The latent-inspector Space (trainers/space.py, `gap space`): gradio (the `[space]` extra) and, for its browser test,
+# selenium with Debian's chromium + chromium-driver (apt-get, as root, only where missing; without them that one test
+# is skipped).
+install-space: install
+	$(BIN)/python -c "import gradio, selenium" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[space-test]"
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		( apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null ) || \
+		echo "note: apt-get could not install chromium and chromium-driver: the Space's browser test will be skipped"
