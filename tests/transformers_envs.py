@@ -81,7 +81,7 @@ def transformers_env(version: str, pins: tuple[str, ...] = ()) -> str:
         wanted = list(pins)  # this environment's own transformers: linked, not installed again
     if wanted:
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+            [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--no-compile",
              "--target", str(site), *wanted],
             check=True, capture_output=True, text=True,
         )

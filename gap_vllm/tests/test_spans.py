@@ -8,7 +8,7 @@ from gap_vllm.spans import RequestState
 
 PAD, START, END, K = 270, 271, 272, 4
 SPEC = GapSpec(pad_id=PAD, start_id=START, end_id=END, num_latent_tokens=K, max_latents=K, span_rule="fixed",
-               feedback="pca", hidden_size=8, pca_rank=4, rms_norm_eps=1e-6)
+               feedback="pca")
 PROMPT = [1, 2, 3]
 
 
