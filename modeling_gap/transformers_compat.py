@@ -13,8 +13,9 @@ the range; the model and generation code use these names and never test versions
 - 5.21 added `slice_logits_to_keep` to `modeling_utils`: `slice_logits_to_keep` (a backport below 5.21).
 
 What stayed put from 5.19 on (`transformers.initialization`, `mm_token_type_ids`, `mm_encoder_outputs`, `_prefill`,
-the static cache) is imported directly. 5.19 is the floor because vLLM's CPU build pins `transformers<5.20`, so the
-package and vLLM share one environment there; below 5.19 the Qwen2.5-VL base model has no `mm_encoder_outputs`.
+the static cache) is imported directly. 5.19 is the floor because vLLM's CPU build pins `transformers<5.20` (it
+installs 5.19.0), so the package and vLLM share one environment there. (5.18 also ran the compatibility scenario,
+once, by hand; 5.17 and older lack Qwen2.5-VL's `mm_encoder_outputs`, which the forward passes.)
 """
 
 import functools
