@@ -5,8 +5,8 @@ a rerun costs nothing) whose site-packages holds `transformers==5.19.0` installe
 --no-deps --target`), plus links to this environment's torch, pillow and every other distribution that transformers,
 torch and pillow require (checked against their version specifiers), and nothing else: no `trainers`, no
 `modeling_gap`, no TRL or PEFT. One torch is shared by all the environments; a release of transformers costs one
-wheel. Releases whose requirements this environment does not meet name them in `pins` (e.g. an older
-`huggingface_hub`), which are installed the same way.
+wheel, plus the releases of its requirements that this environment lacks or holds outside their specifiers (5.0.0:
+an older `huggingface_hub`, `tokenizers` and `httpx`), installed the same way.
 """
 
 import importlib.metadata
@@ -14,6 +14,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from collections import defaultdict
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -22,6 +24,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parent.parent
 ENVS = ROOT / ".transformers-envs"
 BASE_DISTRIBUTIONS = ("torch", "pillow", "transformers")
+_BUILDING = defaultdict(threading.Lock)  # one builder per environment when tests build them from several threads
 
 
 def _site_packages(env: Path) -> Path:
@@ -38,12 +41,13 @@ def _link_distribution(dist: importlib.metadata.Distribution, site: Path):
             (site / top).symlink_to(base / top)
 
 
-def _complete(site: Path, requested: list[str]):
-    """Link, from this environment, every distribution that `requested` need and `site` does not hold yet."""
+def _link_requirements(site: Path, requested: tuple[str, ...]) -> list[str]:
+    """Link, from this environment, every distribution that `requested` need (recursively) and `site` does not hold
+    yet; returns the requirements this environment cannot meet (absent, or a release outside the specifier)."""
     local = {canonicalize_name(d.metadata["Name"]): d for d in importlib.metadata.distributions(path=[str(site)])}
-    pending, seen = [(Requirement(r), "the environment") for r in requested], set()
+    pending, seen, unmet = [Requirement(r) for r in requested], set(), []
     while pending:
-        requirement, needed_by = pending.pop()
+        requirement = pending.pop()
         name = canonicalize_name(requirement.name)
         if name in seen:
             continue
@@ -53,40 +57,53 @@ def _complete(site: Path, requested: list[str]):
             try:
                 dist = importlib.metadata.distribution(name)
             except importlib.metadata.PackageNotFoundError:
-                raise RuntimeError(
-                    f"{needed_by} needs {requirement}, which this environment lacks: pass a pin in `pins`."
-                ) from None
-            if not requirement.specifier.contains(dist.version, prereleases=True):
-                raise RuntimeError(
-                    f"{needed_by} needs {requirement}; this environment has {name} {dist.version}: pass a pin in `pins`."
-                )
+                dist = None
+            if dist is None or not requirement.specifier.contains(dist.version, prereleases=True):
+                unmet.append(f"{requirement.name}{requirement.specifier}")
+                continue
             _link_distribution(dist, site)
         for line in dist.requires or ():
             needed = Requirement(line)
             if needed.marker is None or needed.marker.evaluate({"extra": ""}):
-                pending.append((needed, f"{dist.metadata['Name']} {dist.version}"))
+                pending.append(needed)
+    return unmet
 
 
-def transformers_env(version: str, pins: tuple[str, ...] = ()) -> str:
-    """The python of an environment holding only torch, pillow and `transformers==version` (+ `pins`); built once."""
-    env = ENVS / f"transformers-{version}"
+def _install(site: Path, requirements: list[str]):
+    """`pip install --no-deps --target site`: the requirements alone (their own requirements are linked or installed
+    by the next round)."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--no-compile",
+         "--target", str(site), *requirements],
+        check=True, capture_output=True, text=True,
+    )
+
+
+def transformers_env(version: str) -> str:
+    """The python of an environment holding only torch, pillow and `transformers==version` with its requirements
+    (linked from this environment where it has a fitting release, installed otherwise); built once."""
+    with _BUILDING[version]:
+        return _build(ENVS / f"transformers-{version}", version)
+
+
+def _build(env: Path, version: str) -> str:
     python = env / "bin" / "python"
     if (env / "complete").exists():
         return str(python)
     shutil.rmtree(env, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
     site = _site_packages(env)
-    wanted = [f"transformers=={version}", *pins]
-    if importlib.metadata.version("transformers") == version:
-        wanted = list(pins)  # this environment's own transformers: linked, not installed again
-    if wanted:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--no-compile",
-             "--target", str(site), *wanted],
-            check=True, capture_output=True, text=True,
-        )
-    _complete(site, [*BASE_DISTRIBUTIONS, *(Requirement(p).name for p in pins)])
-    (env / "complete").write_text(f"transformers=={version} {' '.join(pins)}\n")
+    if importlib.metadata.version("transformers") != version:  # else this environment's own is linked
+        _install(site, [f"transformers=={version}"])
+    for _ in range(4):  # each round installs what the previous round found unmet: an older hub, its httpx, ...
+        unmet = _link_requirements(site, BASE_DISTRIBUTIONS)
+        if not unmet:
+            break
+        _install(site, unmet)
+    else:
+        raise RuntimeError(f"transformers {version}: requirements still unmet after four rounds: {unmet}")
+    held = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions(path=[str(site)]))
+    (env / "complete").write_text("\n".join(held) + "\n")  # what the environment holds, installed or linked
     return str(python)
 
 
