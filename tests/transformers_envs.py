@@ -22,7 +22,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
-ENVS = ROOT / ".transformers-envs"
+ENVS = ROOT / ".transformers-envs" / Path(sys.prefix).name  # per source environment (.venv, .venv-vllm): links
 BASE_DISTRIBUTIONS = ("torch", "pillow", "transformers")
 _BUILDING = defaultdict(threading.Lock)  # one builder per environment when tests build them from several threads
 
