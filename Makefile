@@ -49,7 +49,7 @@ test-vllm: install-vllm
 	cd gap_vllm && OMP_NUM_THREADS=1 $(abspath $(VLLM_BIN))/python -m pytest -q tests
 
 # The package's own suite in the vLLM environment (transformers 5.19): the one-environment check, not part of `make
-# test` (it is the main suite again, about 10 minutes).
+# test` (it is the main suite again: 14 minutes on this 2-core machine, loaded).
 test-vllm-env: install-vllm
 	$(VLLM_BIN)/python -m pip install -q -e ".[test]"
 	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest -q
