@@ -88,11 +88,12 @@ def transformers_env(version: str) -> str:
 
 def _build(env: Path, version: str) -> str:
     python = env / "bin" / "python"
-    if (env / "complete").exists():
+    site = _site_packages(env)
+    # Reused unless a distribution it links to has since left this environment (upgraded, uninstalled).
+    if (env / "complete").exists() and all(entry.exists() for entry in site.iterdir()):
         return str(python)
     shutil.rmtree(env, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
-    site = _site_packages(env)
     if importlib.metadata.version("transformers") != version:  # else this environment's own is linked
         _install(site, [f"transformers=={version}"])
     for _ in range(4):  # each round installs what the previous round found unmet: an older hub, its httpx, ...
