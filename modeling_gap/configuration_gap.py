@@ -1,5 +1,7 @@
 """Configuration of a GAP (Granular Alignment Paradigm) visual-latent Qwen2.5-VL model."""
 
+from .transformers_compat import SUPPORTED_RANGE  # noqa: F401  (first: the supported-version check)
+
 from transformers import Qwen2_5_VLConfig
 
 LATENT_FEEDBACK_MODES = ("pca", "ema_norm", "raw")

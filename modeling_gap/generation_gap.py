@@ -10,6 +10,8 @@ the next text position).
 
 from dataclasses import dataclass
 
+from .transformers_compat import cache_kwargs, output_cache  # first: the supported-version check
+
 import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.configuration_utils import CompileConfig
@@ -164,8 +166,8 @@ class GapGenerationMixin:
             tokens, latent_mode, previous_hidden, feedback, intervention, intervention_noise, intervention_permutation
         )
         outputs = self.model.language_model(
-            inputs_embeds=embeds[:, None], attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            use_cache=True, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            inputs_embeds=embeds[:, None], attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, **cache_kwargs(cache),
         )
         # A fresh (B, d) tensor: its strides are the same at every batch size and step (no recompilation).
         hidden = outputs.last_hidden_state[:, -1].clone(memory_format=torch.contiguous_format)
@@ -250,7 +252,7 @@ class GapGenerationMixin:
         model_kwargs["logits_to_keep"] = 1
         outputs = self._prefill(input_ids, generation_config, model_kwargs,
                                 is_first_iteration=not generation_config.is_assistant)
-        cache = outputs.cache if use_cache else None
+        cache = output_cache(outputs) if use_cache else None
         logits = outputs.logits[:, -1].float()
         hidden = outputs.last_hidden_state[:, -1].clone(memory_format=torch.contiguous_format)
         step_hidden_states, step_attentions = outputs.hidden_states, outputs.attentions
@@ -393,7 +395,7 @@ class GapGenerationMixin:
             logits=raw_logits,
             attentions=attentions,
             hidden_states=hidden_states,
-            cache=cache,
+            **cache_kwargs(cache),
             latents=self._collect_latents(latent_records, input_ids[:, max(prompt_length - 1, 0) :], k),
         )
 

@@ -11,16 +11,22 @@ import os
 from dataclasses import dataclass
 from typing import Iterable
 
+from .transformers_compat import (  # first: below the supported transformers, its one-line error is the first
+    MultimodalCausalLMOutputWithPast,
+    accepts_cache_alias,
+    cache_kwargs,
+    encoder_outputs,
+    output_cache,
+    slice_logits_to_keep,
+)
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
 from .configuration_gap import GapQwen2_5VLConfig
@@ -499,7 +505,7 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
 
     # ---- forward ------------------------------------------------------------------------------------------
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @accepts_cache_alias
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -599,8 +605,8 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
             mm_token_type_ids=mm_token_type_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,
-            cache=cache,
             inputs_embeds=inputs_embeds,
+            **cache_kwargs(cache),
             use_cache=use_cache,
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
@@ -649,11 +655,10 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
             latent_targets=targets if has_spans else None,
             logits=logits,
             last_hidden_state=kept_hidden_states,
-            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_outputs=outputs.image_outputs,
-            video_outputs=outputs.video_outputs,
+            **cache_kwargs(output_cache(outputs)),
+            **encoder_outputs(outputs, mm_encoder_outputs),
         )
 
 

@@ -3,6 +3,8 @@
 Needs no video processor, so it works with and without torchvision.
 """
 
+from .transformers_compat import SUPPORTED_RANGE  # noqa: F401  (first: the supported-version check)
+
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
 from transformers.feature_extraction_utils import BatchFeature
 

@@ -342,6 +342,8 @@ def test_measured_figures_from_the_variant_and_a_results_file_fill_the_card(tiny
     config = json.loads((tiny_checkpoint / "config.json").read_text())
     card = ModelCard(str(push_to_hub.model_card(variant.for_org("acme"), "acme/x", config, results, [], [])))
     assert "| vstar / accuracy | 0.5 |" in card.text and card.data.pipeline_tag == "image-text-to-text"
+    # The requirement the remote code checks, with the command it names below the range (one source).
+    assert 'pip install "transformers>=5.19,<5.40"' in card.text
 
 
 # ---- variants -------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
 
 from testing_utils import COLORS, chat, solid_image
 from modeling_gap import LATENT_PRESETS, from_qwen2_5_vl
+from modeling_gap.transformers_compat import cache_kwargs
 from trainers.tiny import build_tiny_qwen2_5_vl
 from testing_utils import ForceTokenAtStep
 
@@ -57,7 +58,7 @@ def _hand_loop_fed_vectors(model, batch, sequence):
                                               attention_mask=batch["attention_mask"])
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model.model(**batch, position_ids=positions, cache=cache, use_cache=True)
+        out = model.model(**batch, position_ids=positions, use_cache=True, **cache_kwargs(cache))
         hidden = out.last_hidden_state[:, -1]
         position = positions[:, :, -1:]
         fed = []
@@ -71,7 +72,8 @@ def _hand_loop_fed_vectors(model, batch, sequence):
             position = position + 1
             mask = torch.ones(1, i + 1, dtype=torch.long)
             hidden = model.model.language_model(inputs_embeds=vector[:, None], position_ids=position,
-                                                attention_mask=mask, cache=cache, use_cache=True).last_hidden_state[:, -1]
+                                                attention_mask=mask, use_cache=True,
+                                                **cache_kwargs(cache)).last_hidden_state[:, -1]
     return torch.stack(fed) if fed else torch.zeros(0)
 
 

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from transformers import TrainingArguments
 from trl import SFTConfig
 
 from modeling_gap.configuration_gap import LATENT_LOSSES
@@ -112,10 +113,18 @@ class GapSFTConfig(SFTConfig):
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
     )
+    if "activation_checkpointing" not in TrainingArguments.__dataclass_fields__:
+        # transformers < 5.23 knows only `gradient_checkpointing`: the new name is taken here and passed on to it, so
+        # that the recipes (which use the new name) run on every supported transformers.
+        activation_checkpointing: bool | None = field(
+            default=None, metadata={"help": "Gradient checkpointing (`gradient_checkpointing` before transformers 5.23)."}
+        )
 
     def __post_init__(self):
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True  # TRL's default
+        if "activation_checkpointing" not in TrainingArguments.__dataclass_fields__ and self.gradient_checkpointing is None:
+            self.gradient_checkpointing = bool(self.activation_checkpointing)
         super().__post_init__()
         if not (isinstance(self.latent_loss_weight, (int, float)) and self.latent_loss_weight >= 0):
             raise ValueError(f"latent_loss_weight must be a number >= 0; got {self.latent_loss_weight!r}.")

@@ -49,6 +49,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 import yaml
 
 from modeling_gap.configuration_gap import LATENT_FEEDBACK_MODES, LATENT_MARKER, LATENT_PRESETS, LATENT_SPAN_RULES
+from modeling_gap.transformers_compat import INSTALL_COMMAND
 
 from .arguments import PushArguments
 from .schema import count_markers
@@ -405,6 +406,7 @@ def model_card(variant: HubVariant, repo_id: str, config: dict, results, files, 
         intended_use=variant.card.intended_use, limitations=variant.card.limitations, kind=variant.kind,
         repo_id=repo_id, settings=settings, results=results, files=files, datasets=datasets,
         space_repo_id=space_repo_id,
+        install_command=INSTALL_COMMAND,
     )
 
 

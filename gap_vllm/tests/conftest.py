@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny GAP checkpoint and GAP `generate`'s reference tokens, built once per session with the
-main package's environment (`make_fixtures.py`), and one in-process vLLM engine per test module."""
+package installed beside vLLM in this same environment (`make_fixtures.py`, in a fresh process; `GAP_MAIN_PYTHON`
+names another python), and one in-process vLLM engine per test module."""
 
 import json
 import os
@@ -16,14 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-MAIN_PYTHON = os.environ.get("GAP_MAIN_PYTHON", str(REPO / ".venv" / "bin" / "python"))
+MAIN_PYTHON = os.environ.get("GAP_MAIN_PYTHON", sys.executable)
 KV_CACHE_BYTES = 1 << 20  # about 1,000 tokens of the tiny model: a large batch must be preempted
 
 
 @pytest.fixture(scope="session")
 def fixtures(tmp_path_factory):
     if not Path(MAIN_PYTHON).exists():
-        pytest.fail(f"{MAIN_PYTHON} not found: run `make install` (the fixtures are built with the main package).")
+        pytest.fail(f"{MAIN_PYTHON} not found: GAP_MAIN_PYTHON must name a python with the package installed.")
     out = tmp_path_factory.mktemp("gap_vllm")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     subprocess.run([MAIN_PYTHON, str(HERE / "make_fixtures.py"), str(out)], check=True, env=env, cwd=str(REPO))

@@ -1,7 +1,7 @@
 """Build the tiny GAP checkpoint and the reference tokens of GAP `generate` that the vLLM tests compare against.
 
-Runs with the main package's environment (`.venv/bin/python gap_vllm/tests/make_fixtures.py OUT_DIR`), never at
-serve time: the plugin itself does not import `modeling_gap`. Writes OUT_DIR/checkpoint (as `save_pretrained`
+Runs in a fresh process with the package (`.venv-vllm/bin/python gap_vllm/tests/make_fixtures.py OUT_DIR`: the
+package and vLLM share that environment). Writes OUT_DIR/checkpoint (as `save_pretrained`
 writes it: config with remote code, safetensors with the latent head, processor files), OUT_DIR/image.png and
 OUT_DIR/references.json.
 """

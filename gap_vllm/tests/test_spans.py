@@ -8,7 +8,7 @@ from gap_vllm.spans import RequestState
 
 PAD, START, END, K = 270, 271, 272, 4
 SPEC = GapSpec(pad_id=PAD, start_id=START, end_id=END, num_latent_tokens=K, max_latents=K, span_rule="fixed",
-               feedback="pca", hidden_size=8, pca_rank=4, rms_norm_eps=1e-6)
+               feedback="pca")
 PROMPT = [1, 2, 3]
 
 
@@ -42,3 +42,20 @@ def test_slot_token_outside_a_span_is_plain():
     output += [PAD] * K + [END, PAD]
     s.advance(SPEC)
     assert s.plain == {len(PROMPT), len(PROMPT) + 3 + K + 1} and s.slots_left == 0 and not s.end_due
+
+
+def test_serving_reads_the_packages_config_and_uses_its_head():
+    """One owner: the spec comes from `modeling_gap`'s config class, the head is `modeling_gap`'s module."""
+    from modeling_gap import GapQwen2_5VLConfig
+    from modeling_gap.modeling_gap import GapLatentHead
+
+    import gap_vllm.model
+
+    config = GapQwen2_5VLConfig(latent_pad_token_id=PAD, latent_start_token_id=START, latent_end_token_id=END,
+                                num_latent_tokens=K, latent_span_rule="sampled_end", latent_max_tokens=6,
+                                latent_feedback="ema_norm")
+    assert GapSpec.from_hf_config(config) == GapSpec(
+        pad_id=PAD, start_id=START, end_id=END, num_latent_tokens=K, max_latents=6, span_rule="sampled_end",
+        feedback="ema_norm",
+    )
+    assert gap_vllm.model.GapLatentHead is GapLatentHead

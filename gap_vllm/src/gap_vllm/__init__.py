@@ -3,7 +3,7 @@
 Installed, this distribution declares two entry points that vLLM loads in every process:
 
 - `vllm.general_plugins` -> `register()`: registers the architecture `GapQwen2_5VLForConditionalGeneration`
-  with `ModelRegistry` and GAP's config class with transformers' `AutoConfig`;
+  with `ModelRegistry` and `modeling_gap`'s config class with transformers' `AutoConfig`;
 - `vllm.logits_processors` -> `gap_vllm.spans:GapLatentSpanProcessor`: the span rule and per-request state.
 
 Per-request options go in `SamplingParams.extra_args` (server: `vllm_xargs`): `latent_intervention` (`"zero"`,
@@ -20,11 +20,13 @@ def register() -> None:
     from transformers import AutoConfig, AutoModel
     from vllm import ModelRegistry
 
-    from .config import GapBackbone, GapServeConfig
+    from modeling_gap import GapQwen2_5VLConfig
 
-    AutoConfig.register(MODEL_TYPE, GapServeConfig, exist_ok=True)
+    from .config import GapBackbone
+
+    AutoConfig.register(MODEL_TYPE, GapQwen2_5VLConfig, exist_ok=True)
     # The Transformers backend builds the decoder with `AutoModel.from_config`: GAP's backbone is Qwen2.5-VL's.
-    AutoModel.register(GapServeConfig, GapBackbone, exist_ok=True)
+    AutoModel.register(GapQwen2_5VLConfig, GapBackbone, exist_ok=True)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "gap_vllm.model:GapQwen2_5VLForConditionalGeneration")
 

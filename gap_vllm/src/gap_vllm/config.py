@@ -1,48 +1,27 @@
-"""The GAP fields of a checkpoint's config.json, read without `modeling_gap`.
+"""What serving needs from a GAP checkpoint's config, read with `modeling_gap`'s own config class.
 
-`GapServeConfig` is registered with transformers' `AutoConfig` for `model_type="gap_qwen2_5_vl"`, so a checkpoint
-as `save_pretrained` / `push_to_hub` writes it loads in a vLLM environment without `--trust-remote-code` (with it,
-the checkpoint's own `configuration_gap.py` is used; both are subclasses of `Qwen2_5_VLConfig` with the same fields).
+`modeling_gap.GapQwen2_5VLConfig` (the package's; with `--trust-remote-code`, the checkpoint's copy of the same file)
+is registered with transformers' `AutoConfig` for `model_type="gap_qwen2_5_vl"` by `import modeling_gap`, so a
+checkpoint as `save_pretrained` / `push_to_hub` writes it loads without `--trust-remote-code`. `GapSpec` is the
+serving view of it: token ids, K, span rule, feedback.
 """
 
 from dataclasses import dataclass
 
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
+from modeling_gap import GapQwen2_5VLConfig, GapQwen2_5VLForConditionalGeneration
+from modeling_gap.configuration_gap import LATENT_FEEDBACK_MODES, LATENT_SPAN_RULES
+from transformers import Qwen2_5_VLModel
 
-MODEL_TYPE = "gap_qwen2_5_vl"
-ARCHITECTURE = "GapQwen2_5VLForConditionalGeneration"
-FEEDBACK_MODES = ("pca", "ema_norm", "raw")
-INTERVENTIONS = (None, "zero", "drop")
-SPAN_RULES = ("fixed", "sampled_end")
-
-
-class GapServeConfig(Qwen2_5_VLConfig):
-    """Qwen2.5-VL config plus the GAP fields vLLM needs (the training-only fields are kept as loaded)."""
-
-    model_type = MODEL_TYPE
-
-    num_latent_tokens: int = 8
-    latent_feedback: str = "pca"
-    latent_pca_rank: int = 256
-    latent_pca_trainable: bool = False
-    latent_loss_weight: float = 1.0
-    latent_loss: str = "mse_whitened+cos"
-    latent_ema_momentum: float = 0.99
-    latent_target_pooling: str = "grid"
-    latent_span_rule: str = "fixed"
-    latent_max_tokens: int | None = None
-    latent_preset: str = "gap"
-    latent_pad_token: str = "<|latent_pad|>"
-    latent_start_token: str = "<|latent_start|>"
-    latent_end_token: str = "<|latent_end|>"
-    latent_pad_token_id: int | None = None
-    latent_start_token_id: int | None = None
-    latent_end_token_id: int | None = None
+MODEL_TYPE = GapQwen2_5VLConfig.model_type
+ARCHITECTURE = GapQwen2_5VLForConditionalGeneration.__name__
+FEEDBACK_MODES = LATENT_FEEDBACK_MODES
+SPAN_RULES = LATENT_SPAN_RULES
+INTERVENTIONS = (None, "zero", "drop")  # the interventions serving supports (GAP generate has more)
 
 
 @dataclass(frozen=True)
 class GapSpec:
-    """What serving needs from a GAP config: token ids, K, span rule, default feedback, head shape."""
+    """What serving needs from a GAP config: token ids, K, span rule, default feedback."""
 
     pad_id: int
     start_id: int
@@ -51,32 +30,22 @@ class GapSpec:
     max_latents: int  # K for "fixed"; latent_max_tokens (default K) for "sampled_end"
     span_rule: str
     feedback: str
-    hidden_size: int
-    pca_rank: int
-    rms_norm_eps: float
 
     @classmethod
     def from_hf_config(cls, config) -> "GapSpec":
-        ids = (config.latent_pad_token_id, config.latent_start_token_id, config.latent_end_token_id)
-        if any(i is None for i in ids):
+        """From a GAP config: the package's class or the checkpoint's remote-code copy of it (never isinstance-checked:
+        the two are different classes)."""
+        if any(i is None for i in config.latent_token_ids):
             raise ValueError(
                 "This GAP checkpoint's config has no latent token ids (latent_pad_token_id, latent_start_token_id, "
                 "latent_end_token_id): convert it with modeling_gap.from_qwen2_5_vl and save it again."
             )
-        rule = config.latent_span_rule
-        if rule not in SPAN_RULES:
-            raise ValueError(f"latent_span_rule must be one of {SPAN_RULES}; the checkpoint says {rule!r}.")
-        if config.latent_feedback not in FEEDBACK_MODES:
-            raise ValueError(f"latent_feedback must be one of {FEEDBACK_MODES}; the checkpoint says "
-                             f"{config.latent_feedback!r}.")
-        k = int(config.num_latent_tokens)
-        max_latents = (config.latent_max_tokens or k) if rule == "sampled_end" else k
-        text = config.text_config
+        # The config validated its fields when it was built (`GapQwen2_5VLConfig._validate_gap_fields`).
+        pad_id, start_id, end_id = config.latent_token_ids
         return cls(
-            pad_id=int(ids[0]), start_id=int(ids[1]), end_id=int(ids[2]), num_latent_tokens=k,
-            max_latents=int(max_latents), span_rule=rule, feedback=config.latent_feedback,
-            hidden_size=int(text.hidden_size), pca_rank=min(int(config.latent_pca_rank), int(text.hidden_size)),
-            rms_norm_eps=float(text.rms_norm_eps),
+            pad_id=int(pad_id), start_id=int(start_id), end_id=int(end_id),
+            num_latent_tokens=int(config.num_latent_tokens), max_latents=int(config.max_latents_per_span),
+            span_rule=config.latent_span_rule, feedback=config.latent_feedback,
         )
 
 
@@ -84,4 +53,4 @@ class GapBackbone(Qwen2_5_VLModel):
     """Qwen2.5-VL's backbone (vision tower + decoder), the class vLLM's Transformers backend builds for a GAP
     config (`AutoModel.from_config`)."""
 
-    config_class = GapServeConfig
+    config_class = GapQwen2_5VLConfig

@@ -24,13 +24,13 @@ from __future__ import annotations
 import logging
 
 import torch
+from modeling_gap.modeling_gap import GapLatentHead
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.models.transformers import TransformersMultiModalForCausalLM
 from vllm.model_executor.models.transformers.multimodal import MultiModalDummyInputsBuilder, MultiModalProcessor
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .config import GapSpec
-from .head import LatentHead
 from .processing import GapProcessingInfo
 from .spans import processor_for
 
@@ -84,8 +84,10 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         refuse_unsupported(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.gap = GapSpec.from_hf_config(vllm_config.model_config.hf_config)
-        self.latent_head = LatentHead(self.gap.hidden_size, self.gap.pca_rank, self.gap.rms_norm_eps)
+        hf_config = vllm_config.model_config.hf_config
+        self.gap = GapSpec.from_hf_config(hf_config)
+        # The package's head (weights loaded below): the same module, names and math as training and GAP generate.
+        self.latent_head = GapLatentHead(hf_config)
         self._gap_vllm_config = vllm_config
         self._gap_warned = False
 
