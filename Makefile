@@ -23,9 +23,13 @@ DEEPSPEED ?= deepspeed==0.19.8
 install-deepspeed: install
 	$(BIN)/python -c "import deepspeed" 2>/dev/null || $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED)"
 
+# The vLLM plugin's suite (its own environment, its log printed after) runs beside the main suite: on 2 cores each
+# keeps one busy. Both must pass.
 test: install install-deepspeed install-lmms-eval install-space
-	$(BIN)/python -m pytest -q
-	$(MAKE) test-vllm
+	$(MAKE) test-vllm > .test-vllm.log 2>&1 & plugin=$$!; \
+	$(BIN)/python -m pytest -q; main=$$?; \
+	wait $$plugin; vllm=$$?; cat .test-vllm.log; \
+	echo "main suite: exit $$main; vLLM plugin suite: exit $$vllm"; [ $$main -eq 0 ] && [ $$vllm -eq 0 ]
 
 clean:
 	rm -rf $(VENV) build *.egg-info outputs
@@ -51,7 +55,7 @@ install-vllm: $(VLLM_BIN)/python
 
 # Fixtures (GAP generate's reference tokens) and tests both run in .venv-vllm (about 4 minutes).
 test-vllm: install-vllm
-	cd gap_vllm && OMP_NUM_THREADS=1 $(abspath $(VLLM_BIN))/python -m pytest -q tests
+	cd gap_vllm && OMP_NUM_THREADS=1 HF_HOME=$(abspath $(VLLM_VENV))/hf-home $(abspath $(VLLM_BIN))/python -m pytest -q tests
 
 # The package's own suite in the vLLM environment (transformers 5.19): the one-environment check, not part of `make
 # test` (it is the main suite again: 14 minutes on this 2-core machine, loaded).
