@@ -168,6 +168,7 @@ def generate_records(model, processor, rows, args, oracle=False, teacher_forced=
     processor.tokenizer.padding_side = "left"
     start_id = model.config.latent_start_token_id
     records, latent_norm, latent_count, visual_norm, visual_count = [], 0.0, 0, 0.0, 0
+    first_spans = []  # per row: the (K, d) latents fed at its first span, or None (for the decodability probe)
     for begin in range(0, len(rows), args.eval_batch_size):
         chunk = rows[begin : begin + args.eval_batch_size]
         evals = [_eval_row(r, oracle) for r in chunk]
@@ -189,6 +190,8 @@ def generate_records(model, processor, rows, args, oracle=False, teacher_forced=
             intent = text.split("Answer")[0].strip()
             records.append(dict(generated=text, correct=extract_answer(text, "text") == reference_answer(e),
                                 span=start_id in tokens, intent=intent, intent_right=intent == intent_of(row)))
+        first_spans += [latents[0].float() if latents is not None and len(latents) else None
+                        for latents in (out.latents or [None] * len(chunk))]
         for latents in out.latents or []:
             if latents is not None and latents.numel():
                 norms = latents.float().norm(dim=-1).flatten()
@@ -198,11 +201,12 @@ def generate_records(model, processor, rows, args, oracle=False, teacher_forced=
             norms = torch.cat(list(visual)).float().norm(dim=-1)
             visual_norm, visual_count = visual_norm + norms.sum().item(), visual_count + norms.numel()
     return records, dict(latent_norm=latent_norm, latent_count=latent_count, visual_norm=visual_norm,
-                         visual_count=visual_count)
+                         visual_count=visual_count, first_spans=first_spans)
 
 
-def evaluate_checkpoint(model, processor, test, kind: str, args, seed: int, log) -> dict:
-    """Everything measured at one checkpoint of one variant: per-row correctness of every condition."""
+def evaluate_checkpoint(model, processor, test, kind: str, args, seed: int, log, probe: bool = False) -> dict:
+    """Everything measured at one checkpoint of one variant: per-row correctness of every condition; with `probe`
+    (latent variants), the linear probe of the crop's colour and shape from the fed latents and from the targets."""
     was_training = model.training
     model.eval()
     rng_state = torch.get_rng_state()  # evaluation must not move the training run's random stream
@@ -216,7 +220,11 @@ def evaluate_checkpoint(model, processor, test, kind: str, args, seed: int, log)
             return result
         log("closed loop")
         records, norms = generate_records(model, processor, test, args)
+        first_spans = norms.pop("first_spans")
         result["closed_loop"], result["norms"] = records, norms
+        if probe:
+            log("linear probe of the latents")
+            result["latent_probe"] = probe_checkpoint(model, processor, test, first_spans, seed)
         log("teacher-forced")
         result["teacher_forced"], _ = generate_records(model, processor, test, args, teacher_forced=True)
         for intervention in INTERVENTIONS:
@@ -227,6 +235,20 @@ def evaluate_checkpoint(model, processor, test, kind: str, args, seed: int, log)
     finally:
         torch.set_rng_state(rng_state)
         model.train(was_training)
+
+
+PROBE_LABELS = {"colour": "answer", "shape": "shape"}  # what the probe decodes: the crop's colour and shape
+
+
+def probe_checkpoint(model, processor, test, first_spans, seed: int) -> dict:
+    """`trainers.latent_probe.probe_sources` on the closed-loop latents (`first_spans`) and on the teacher-forced
+    targets of the test rows: label -> source -> probe result (per-row held-out correctness kept for pooling)."""
+    from trainers.latent_probe import probe_sources, target_latents
+
+    sources = {"closed loop": first_spans,
+               "targets": list(target_latents(model, processor, [r["aux_images"][0] for r in test]))}
+    labels = {name: [r[column] for r in test] for name, column in PROBE_LABELS.items()}
+    return probe_sources(sources, labels, seed=seed)
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
@@ -276,7 +298,7 @@ def train_variant(name: str, rows: list[dict], train_images: list, test: list[di
         output_dir=workdir, max_steps=steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps,
         weight_decay=0.0, logging_steps=args.logging_steps, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, gradient_checkpointing=False, seed=seed, data_seed=seed, capacity_guided=True,
+        bf16=False, activation_checkpointing=False, seed=seed, data_seed=seed, capacity_guided=True,
         validate_dataset=False, dataloader_num_workers=0, disable_tqdm=True,
     )
     evaluations, last_logs = {}, {}
@@ -292,7 +314,7 @@ def train_variant(name: str, rows: list[dict], train_images: list, test: list[di
             if state.global_step in budgets:
                 evaluations[state.global_step] = evaluate_checkpoint(
                     model, processor, test, kind, args, seed,
-                    lambda what: log(f"step {state.global_step}: evaluating {what}"))
+                    lambda what: log(f"step {state.global_step}: evaluating {what}"), probe=state.global_step == steps)
 
     trainer_class = _control_trainer(latent_fill, seed) if latent_fill else GapSFTTrainer
     trainer = trainer_class(model, config, train_dataset=to_dataset(data), processing_class=processor,
@@ -368,7 +390,7 @@ def summarize(runs: dict, seeds, budgets, bootstrap: Bootstrap) -> list[dict]:
             # per test row and seed, 1 = right, for any later paired comparison
             entry["per_row"] = {condition: ["".join(str(int(r["correct"])) for r in evaluations[s][budget][condition])
                                             for s in seeds]
-                                for condition in evaluations[seeds[0]][budget] if condition != "norms"}
+                                for condition in evaluations[seeds[0]][budget] if condition not in ("norms", "latent_probe")}
             if "teacher_forced" in evaluations[seeds[0]][budget]:
                 tf = np.array(_correct_array(evaluations, seeds, budget, "teacher_forced"))
                 mean, low, high = bootstrap.interval(tf)
@@ -386,10 +408,36 @@ def summarize(runs: dict, seeds, budgets, bootstrap: Bootstrap) -> list[dict]:
                 visual = sum(n["visual_norm"] for n in norms) / max(sum(n["visual_count"] for n in norms), 1)
                 entry["norm_ratio"] = (sum(n["latent_norm"] for n in norms) / latent_count / visual
                                        if latent_count and visual > 0 else None)
+            if "latent_probe" in evaluations[seeds[0]][budget]:
+                entry["latent_probe"] = pool_probes([evaluations[s][budget]["latent_probe"] for s in seeds])
             entry["final_training"] = {k: [run["metrics"][s].get(k) for s in seeds]
                                        for k in ("ce_loss", "latent_loss") if any(k in run["metrics"][s] for s in seeds)}
             summary.append(entry)
     return summary
+
+
+def pool_probes(reports: list[dict]) -> dict:
+    """The probe results of several seeds pooled: held-out correct rows summed over seeds, one 95 % Wilson interval
+    (rows treated as independent), chance weighted by rows. label -> source -> result."""
+    from trainers.latent_probe import accuracy_interval
+
+    pooled = {}
+    for label in reports[0]:
+        pooled[label] = {}
+        for source in reports[0][label]:
+            results = [r[label][source] for r in reports]
+            rows, without = sum(r["rows"] for r in results), sum(r["rows_without_span"] for r in results)
+            if any("latents" not in r for r in results):
+                pooled[label][source] = dict(rows=rows, rows_without_span=without,
+                                             note="too few rows opened a span to probe in some seed")
+                continue
+            entry = dict(rows=rows, rows_without_span=without,
+                         chance=sum(r["chance"] * r["rows"] for r in results) / rows, latents={}, shuffled={})
+            for name in results[0]["latents"]:
+                entry["latents"][name] = accuracy_interval(sum(r["latents"][name]["correct"] for r in results), rows)
+                entry["shuffled"][name] = accuracy_interval(sum(r["shuffled"][name]["correct"] for r in results), rows)
+            pooled[label][source] = entry
+    return pooled
 
 
 # ---- writing -------------------------------------------------------------------------------------------------------
@@ -450,6 +498,7 @@ def to_markdown(summary, header: dict, intents: list[dict]) -> str:
         for name in dict.fromkeys(e["variant"] for e in against_pca):
             lines.append(f"| {name} | " + " | ".join(_delta(e["vs_pca"]) for e in against_pca if e["variant"] == name)
                          + " |")
+    lines += probe_table(summary)
     if intents:
         lines += ["", f"What the models generated (seed {intents[0]['seed']}, {intents[0]['steps']} steps, first test "
                   "rows; the span's latents are not text):", "", "| variant | question | gold intent | generated |",
@@ -457,6 +506,36 @@ def to_markdown(summary, header: dict, intents: list[dict]) -> str:
         for item in intents:
             lines.append(f"| {item['variant']} | {item['question']} | {item['gold']} | {item['generated']} |")
     return "\n".join(lines) + "\n"
+
+
+def probe_table(summary) -> list[str]:
+    """Markdown lines: the linear probe of each latent variant at its probed budget (colour per latent and for the
+    whole span, shape for the whole span; shuffled labels; chance)."""
+    probed = [e for e in summary if "latent_probe" in e]
+    if not probed:
+        return []
+    names = next((list(r["latents"]) for e in probed for r in e["latent_probe"]["colour"].values() if "latents" in r),
+                 [])
+    lines = ["", "What a linear probe reads from the latents (held-out accuracy, 95 % interval; logistic regression, "
+             "5-fold over the test rows that opened a span, seeds pooled): `closed loop` is what the model fed, "
+             "`targets` what teacher forcing feeds (the crop's embeddings), the same for every variant of a seed. "
+             "Colour is the answer; the shape is named in the question and the intent text:", "",
+             "| variant | steps | latents of | rows (no span) | " + " | ".join(
+                 f"colour: latent {n}" if n != "span" else "colour: whole span" for n in names)
+             + " | colour, shuffled labels | colour chance | shape: whole span | shape, shuffled labels |",
+             "|---|---|---|---|" + "---|" * (len(names) + 4)]
+    for e in probed:
+        for source, colour in e["latent_probe"]["colour"].items():
+            shape = e["latent_probe"]["shape"][source]
+            head = f"| {e['variant']} | {e['steps']} | {source} | {colour['rows']} ({colour['rows_without_span']}) | "
+            if "latents" not in colour or "latents" not in shape:
+                lines.append(head + f"{colour.get('note') or shape.get('note')} |")
+                continue
+            cells = [_ci(colour["latents"][n]) for n in names] + [
+                _ci(colour["shuffled"]["span"]), f"{colour['chance']:.2f}", _ci(shape["latents"]["span"]),
+                _ci(shape["shuffled"]["span"])]
+            lines.append(head + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(summary, path: str, chance: float, title: str) -> None:
