@@ -1,8 +1,8 @@
 """The offline GAP demo and its study: the named-shape task, every variant trained with `GapSFTTrainer`, evaluated
 closed loop, teacher-forced and under each latent intervention, with 95 % intervals across test rows and seeds.
 
-    python recipes/demo.py           # `make demo`: a small slice (seed 0, budgets 200 and 400 steps, text SFT and
-                                     # pca, 100 test rows)
+    python recipes/demo.py           # `make demo`: a small slice (seed 0, budgets 200 and 400 steps, text SFT,
+                                     # ema_norm and pca, 100 test rows)
     python recipes/demo.py --study   # the study: every variant, seeds 0, 1, 2, budgets 100, 200, 400, 800 steps
 
 The task (`trainers.synthetic.make_shape_rows`): an 84x84 board of 3x3 cells holds four shapes (circle, square,
@@ -31,11 +31,14 @@ batch and optimizer):
 Each budget is a checkpoint along one run per variant and seed (warm-up, then a constant learning rate, so a
 checkpoint is what a run of that length gives, less any decay). At each: closed-loop accuracy, teacher-forced
 accuracy (gold intent and the aux image's true targets in the prompt), accuracy under each intervention (zero,
-noise, shuffle, mean, drop), the latent / visual-embedding norm ratio of the fed latents, and the generated intent.
+noise, shuffle, mean, drop), the latent / visual-embedding norm ratio of the fed latents, and the generated intent;
+at the last budget, a linear probe (`trainers.latent_probe`) of the crop's colour (the answer) and shape from each
+fed latent and from the teacher-forced targets, with shuffled labels for reference.
 Intervals: 95 % percentile bootstrap, seeds resampled and then test rows within each (paired for differences).
 Writes `results.md`, `results.json` (strict JSON), `accuracy.png`; the demo slice also saves the pca checkpoint
-(`pca-checkpoint/`, seed 0 at the last budget), the test split (`test-data/`), `norms.png` and `lens_*.png`, and
-prints the `gap probe` and `gap latent-lens` commands that run on them. `--threads` (default 1) sets
+(`pca-checkpoint/`, seed 0 at the last budget), the test split (`test-data/`), the norm diagnosis where the latents
+are fed (`norms.png`, `norms.json`: `trainers.diagnostics.diagnose`) and `lens_*.png`, and prints the `gap probe`,
+`gap probe-latents`, `gap diagnose-norms` and `gap latent-lens` commands that run on them. `--threads` (default 1) sets
 torch's thread count: the same seeds and flags give the same numbers.
 """
 
@@ -64,7 +67,7 @@ VARIANTS = {
 }
 TASK = dict(image_size=84, grid=3, num_shapes=4, num_colors=4, aux_size=56)
 CONTROL = "pca, zero latents (control)"
-DEMO_SLICE = dict(seeds=[0], budgets=[200, 400], variants=["text SFT", "pca"], test_rows=100)
+DEMO_SLICE = dict(seeds=[0], budgets=[200, 400], variants=["text SFT", "ema_norm", "pca"], test_rows=100)
 STUDY = dict(seeds=[0, 1, 2], budgets=[100, 200, 400, 800], variants=list(VARIANTS), test_rows=200)
 
 
@@ -138,12 +141,17 @@ def to_dataset(rows: list[dict]):
 
 
 def save_test_split(rows: list[dict], path: str) -> str:
-    """The test rows as a `save_to_disk` folder in GAP's schema (for `gap probe` / `gap latent-lens`)."""
+    """The test rows as a `save_to_disk` folder in GAP's schema, with the `shape` column (for `gap probe`,
+    `gap probe-latents`, `gap diagnose-norms` (its teacher-forced part reads `messages` and `aux_images`) and
+    `gap latent-lens`)."""
     import datasets
 
     features = datasets.Features({
         "images": datasets.List(datasets.Image()), "question": datasets.Value("string"),
         "answer": datasets.Value("string"), "aux_images": datasets.List(datasets.Image()),
+        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.List(
+            {"type": datasets.Value("string"), "text": datasets.Value("string")})}),
+        "shape": datasets.Value("string"),
     })
     datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features).save_to_disk(path)
     return path
@@ -570,13 +578,19 @@ def plot(summary, path: str, chance: float, title: str) -> None:
 
 
 # ---- the norm diagnosis and latent lens (trainers.diagnostics) ----------------------------------------------------
-def diagnose_and_draw(model, processor, rows, output_dir):
-    """The norm diagnosis on the test images (norms.png) and the latent lens on three rows (lens_*.png)."""
+def diagnose_and_draw(model, processor, rows, args):
+    """The norm diagnosis on the test rows (norms.png, norms.json: closed loop per feedback mode and teacher-forced,
+    where the latents are fed) and the latent lens on three rows (lens_*.png)."""
     from trainers.diagnostics import diagnose, draw_lens, latent_similarity_maps, plot_norms
     from trainers.evaluation import reference_answer
+    from trainers.outputs import write_json
 
-    diagnosis = diagnose(model, processor, [_eval_row(r) for r in rows[:32]])
-    plot_norms(diagnosis, os.path.join(output_dir, "norms.png"), title="tiny GAP (pca variant)")
+    output_dir = args.output_dir
+    diagnosis = diagnose(model, processor, [_eval_row(r) for r in rows], batch_size=args.eval_batch_size,
+                         dataset_rows=rows, max_new_tokens=args.max_new_tokens)
+    write_json(os.path.join(output_dir, "norms.json"), diagnosis)
+    plot_norms(diagnosis, os.path.join(output_dir, "norms.png"),
+               title=f"tiny GAP, pca variant, {len(rows)} test rows (demo)")
     for i, row in enumerate([_eval_row(r) for r in rows[:3]]):
         maps, text = latent_similarity_maps(model, processor, row, max_new_tokens=60)
         draw_lens(row.images[0].convert("RGB"), maps, os.path.join(output_dir, f"lens_{i}.png"),
@@ -674,11 +688,11 @@ def main(argv=None):
     result = write_results(runs, args, args.seeds, keep, command, time.perf_counter() - start)
     print("\n" + result["markdown"])
     print(f"written to {args.output_dir}: results.md, results.json, accuracy.png"
-          + (", pca-checkpoint/, test-data/, norms.png, lens_*.png" if keep.get("commands") else ""))
+          + (", pca-checkpoint/, test-data/, norms.png, norms.json, lens_*.png" if keep.get("commands") else ""))
     if not args.study:
         print(f"This was {scope}; it took {result['seconds']:.0f} s.")
     if keep.get("commands"):
-        print("Probe and latent-lens commands for the saved pca checkpoint:")
+        print("Probe, latent-probe, norm-diagnosis and latent-lens commands for the saved pca checkpoint:")
     for line in keep.get("commands", []):
         print("  " + line)
     return result
@@ -691,10 +705,14 @@ def save_pca_and_diagnose(keep: dict, args) -> None:
     model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
     data = save_test_split(keep["test"], os.path.join(args.output_dir, "test-data"))
-    keep["diagnosis"] = diagnose_and_draw(model, processor, keep["test"], args.output_dir)
+    keep["diagnosis"] = diagnose_and_draw(model, processor, keep["test"], args)
     keep["commands"] = [
         f"gap probe --model_name_or_path {checkpoint} --dataset_name {data} "
         f"--max_new_tokens {args.max_new_tokens} --output_dir {os.path.join(args.output_dir, 'probe')}",
+        f"gap probe-latents --model_name_or_path {checkpoint} --dataset_name {data} --label_columns answer shape "
+        f"--max_new_tokens {args.max_new_tokens} --output_dir {os.path.join(args.output_dir, 'latent-probe')}",
+        f"gap diagnose-norms --model_name_or_path {checkpoint} --dataset_name {data} "
+        f"--max_new_tokens {args.max_new_tokens} --output_dir {os.path.join(args.output_dir, 'norms')}",
         f"gap latent-lens --model_name_or_path {checkpoint} --dataset_name {data} --limit 4 "
         f"--output_dir {os.path.join(args.output_dir, 'lens')}",
     ]
@@ -716,10 +734,10 @@ def write_results(runs: dict, args, seeds: list[int], keep: dict, command: str, 
     markdown = to_markdown(summary, dict(description=description), keep.get("intents", []))
     diagnosis = keep.get("diagnosis")
     if diagnosis:
-        markdown += (f"\nNorm diagnosis (pca, seed {args.seeds[0]}, {max(args.budgets)} steps, test images): final "
-                     f"text states {diagnosis['final_text_ratio']:.1f}x their input embeddings, image states "
-                     f"{diagnosis['final_image_ratio']:.1f}x; fed back / visual embedding norm: "
-                     + ", ".join(f"{k} {v:.2f}" for k, v in diagnosis["feedback_ratio"].items()) + "\n")
+        from trainers.diagnostics import norms_summary_line
+
+        markdown += (f"\nNorm diagnosis (pca, seed {args.seeds[0]}, {max(args.budgets)} steps, the test rows; "
+                     f"norms.png): {norms_summary_line(diagnosis)}.\n")
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(markdown)
     result = dict(chance=chance, task=TASK, arguments=dict(vars(args)), command=command, seconds=seconds,
