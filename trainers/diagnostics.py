@@ -405,6 +405,16 @@ def latent_similarity_maps(model, processor, row, max_new_tokens: int = 64, **ge
     return similarity.reshape(*similarity.shape[:2], gh, gw).float().cpu(), text
 
 
+def _drawable(text: str) -> str:
+    """`text` with every character the figure font cannot draw (or not printable) as "?": generated text may hold
+    any character, and matplotlib warns for each glyph its font lacks."""
+    from matplotlib.font_manager import FontProperties, findfont
+    from matplotlib.ft2font import FT2Font
+
+    drawable = set(FT2Font(findfont(FontProperties())).get_charmap())
+    return "".join(ch if ch.isprintable() and ord(ch) in drawable else "?" for ch in text)
+
+
 def draw_lens(image, maps: torch.Tensor, path: str, title: str = ""):
     """lens_<row>.png: rows are spans, columns latents; each panel the similarity heatmap over the image, with one
     colour bar (cosine similarity, -1 to 1) for all."""
@@ -428,10 +438,10 @@ def draw_lens(image, maps: torch.Tensor, path: str, title: str = ""):
             ax.axis("off")
     if heat is not None:
         fig.colorbar(heat, ax=axes.ravel().tolist(), shrink=0.8, label="cosine similarity to visual token")
-    title = "\n".join("".join(ch if ch.isprintable() else " " for ch in line) for line in title.split("\n"))
+    title = "\n".join(_drawable(line) for line in title.split("\n"))
     if not spans:
         title = f"{title}\nno latent span generated: nothing to draw"
-    fig.suptitle(title, fontsize=8)
+    fig.suptitle(title, fontsize=8, parse_math=False)  # generated text is not TeX: a "$" stays a "$"
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
