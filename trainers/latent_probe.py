@@ -49,6 +49,8 @@ class LatentProbeArguments(EvalArguments):
     output_dir: str = field(default="outputs/latent_probe", metadata={"help": "Where the JSON, table and PNG go."})
 
     def __post_init__(self):
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
         if self.probe_folds < 2:
             raise ValueError(f"--probe_folds must be >= 2 (held-out rows need a split); got {self.probe_folds}.")
         if self.probe_l2 < 0:
