@@ -34,7 +34,7 @@ def test_probe_runs_every_intervention(tiny_checkpoint_and_split):
 def test_diagnosis_ratios_equal_direct_computation(tiny_checkpoint_and_split):
     model_dir, split_dir, root = tiny_checkpoint_and_split
     args = EvalArguments(model_name_or_path=model_dir, dataset_name=split_dir, batch_size=2, max_new_tokens=6,
-                         output_dir=str(root / "norms"))
+                         latent_feedback="pca", output_dir=str(root / "norms"))
     result = run_norm_diagnosis(args)
     assert os.path.getsize(root / "norms" / "norms.png") > 1000
     assert json.load(open(root / "norms" / "norms.json"))["layers"] == result["layers"]

@@ -687,7 +687,7 @@ def main(argv=None):
             print(f"[{time.perf_counter() - start:6.0f} s] seeds {done} done: partial results written", flush=True)
     result = write_results(runs, args, args.seeds, keep, command, time.perf_counter() - start)
     print("\n" + result["markdown"])
-    print(f"written to {args.output_dir}: results.md, results.json, accuracy.png"
+    print(f"written to {args.output_dir}: results.md, results.json, accuracy.png, latent_probe.png"
           + (", pca-checkpoint/, test-data/, norms.png, norms.json, lens_*.png" if keep.get("commands") else ""))
     if not args.study:
         print(f"This was {scope}; it took {result['seconds']:.0f} s.")
@@ -746,6 +746,14 @@ def write_results(runs: dict, args, seeds: list[int], keep: dict, command: str, 
         f.write(json.dumps(_clean(result), indent=1, allow_nan=False))
     plot(summary, os.path.join(args.output_dir, "accuracy.png"), chance,
          f"named-shape task, seeds {seeds}, {args.test_rows} test rows per seed")
+    probed = [e for e in summary if "latent_probe" in e]
+    if probed:
+        from trainers.latent_probe import plot_probe
+
+        report = {label: {f"{e['variant']} ({e['steps']} steps)": e["latent_probe"][label]["closed loop"]
+                          for e in probed} for label in PROBE_LABELS}
+        plot_probe(report, os.path.join(args.output_dir, "latent_probe.png"),
+                   title=f"linear probe of the fed latents (closed loop), seeds {seeds}")
     return dict(result, markdown=markdown)
 
 

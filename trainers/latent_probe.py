@@ -235,39 +235,44 @@ def probe_markdown(report: dict) -> str:
 
 def plot_probe(report: dict, path: str, title: str = "") -> None:
     """latent_probe.png: one panel per label column; held-out accuracy (95 % interval) per latent index and for the
-    whole span, one line per source, dashed for shuffled labels, and each source's chance level."""
+    whole span, one colour per source, dotted for its shuffled labels, dashed for its chance level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     columns = list(report)
-    fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 4), squeeze=False)
+    width = max(len(r) for r in report.values())
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.4 * len(columns), 4.4 + 0.25 * width), squeeze=False)
     for ax, column in zip(axes[0], columns):
         probed = {s: r for s, r in report[column].items() if "latents" in r}
         for n, (source, result) in enumerate(probed.items()):
             names = list(result["latents"])
             x = [i + 0.06 * (n - (len(probed) - 1) / 2) for i in range(len(names))]
+            color = f"C{n}"
             for key, style in (("latents", "-"), ("shuffled", ":")):
                 if not result.get(key):
                     continue
                 entries = [result[key][name] for name in names]
                 y = [e["accuracy"] for e in entries]
-                err = [[a - e["ci_low"] for a, e in zip(y, entries)], [e["ci_high"] - a for a, e in zip(y, entries)]]
-                line = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, linestyle=style,
-                                   label=source + (", shuffled labels" if key == "shuffled" else ""))
-            ax.axhline(result["chance"], color=line[0].get_color(), linewidth=0.8, alpha=0.5)
+                err = [[max(a - e["ci_low"], 0) for a, e in zip(y, entries)],  # (rounding at 0 and 1)
+                       [max(e["ci_high"] - a, 0) for a, e in zip(y, entries)]]
+                ax.errorbar(x, y, yerr=err, marker="o" if key == "latents" else "x", capsize=3, linestyle=style,
+                            color=color, alpha=1.0 if key == "latents" else 0.6,
+                            label=source + (", shuffled labels" if key == "shuffled" else ""))
+            ax.axhline(result["chance"], color=color, linewidth=0.8, linestyle="--", alpha=0.5)
         if probed:
             names = list(next(iter(probed.values()))["latents"])
-            ax.set_xticks(range(len(names)), [f"latent {n}" if n != SPAN else "span" for n in names], fontsize=8)
+            ax.set_xticks(range(len(names)), [f"latent {n}" if n != SPAN else "whole span" for n in names],
+                          fontsize=8)
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("held-out accuracy (95 % interval)")
-        ax.set_title(f"decoding `{column}` from the latents (thin lines: chance)", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_title(f"decoding `{column}` from the latents (dashed: chance)", fontsize=9)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
