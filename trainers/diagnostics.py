@@ -83,16 +83,20 @@ def run_probe(args) -> list[dict]:
 FEEDBACK_MODES = ("raw", "ema_norm", "pca")
 
 
+MAX_LISTED_NORMS = 10_000  # values kept per distribution in norms.json / the violins (evenly strided beyond)
+
+
 def _norm_summary(norms: torch.Tensor, scale: float) -> dict:
-    """Mean, quantiles and every value of (n,) norms, each also divided by `scale` (the mean visual input-embedding
-    norm)."""
+    """Mean and quantiles of (n,) norms (all of them), `ratio` = mean / `scale` (the mean visual input-embedding
+    norm), and the values over `scale` (`ratios`, at most `MAX_LISTED_NORMS`, evenly strided)."""
     norms = norms.float().flatten()
     if norms.numel() == 0:
         return dict(count=0)
     q = torch.quantile(norms, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95]))
+    listed = norms[:: -(-norms.numel() // MAX_LISTED_NORMS)]
     return dict(count=norms.numel(), mean=norms.mean().item(), q05=q[0].item(), q25=q[1].item(), median=q[2].item(),
                 q75=q[3].item(), q95=q[4].item(), ratio=norms.mean().item() / scale,
-                ratios=(norms / scale).tolist())
+                ratios=(listed / scale).tolist())
 
 
 @torch.no_grad()
