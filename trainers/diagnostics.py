@@ -1,13 +1,17 @@
 """Diagnostics of a GAP (or stock Qwen2.5-VL) checkpoint: intervention probing, the norm diagnosis, the latent lens
-(`gap probe`, `gap diagnose-norms`, `gap latent-lens`).
+(`gap probe`, `gap diagnose-norms`, `gap latent-lens`). What the latents carry (a linear decodability probe, `gap
+probe-latents`) is in `trainers.latent_probe`.
 
 - Probing: accuracy under each intervention on the fed latents (`LATENT_INTERVENTIONS`: zeros; Gaussian noise at each
   latent's norm; a fixed permutation of the coordinates; the mean visual embedding; no span at all) and its change
   against none. If perturbing the latents costs accuracy, they carry task-relevant signal beyond extra token slots.
-- Norms (the paper's diagnosis): per layer, the mean hidden-state norm at text and at image positions against the
-  input embeddings' (on Monet-7B the final text states are ~546x their input embeddings, the vision states ~8.7x);
-  layer 0 is the input embeddings, the last layer is after the final norm (the state Monet-style models feed back);
-  and the norm of what each feedback mode would feed back, against the mean visual input embedding norm.
+- Norms (the paper's diagnosis), measured where the latents are fed: per feedback mode, the latents `generate`
+  fed at every slot (closed loop) and the hidden states it mapped them from; teacher-forced, the state before each
+  latent slot of dataset rows mapped by each mode's head; all against the visual input embeddings' norm, as
+  distributions. Per layer, the mean hidden-state norm at text and at image positions against the input embeddings'
+  (on Monet-7B the final text states are ~546x their input embeddings, the vision states ~8.7x) and at the states
+  the latents are mapped from; layer 0 is the input embeddings, the last layer is after the final norm (the state
+  Monet-style models feed back).
 - Latent lens: the cosine similarity of every generated latent to the visual tokens of the row's first image, on
   its token grid, overlaid on the image.
 """
@@ -471,13 +475,19 @@ def run_latent_lens(args) -> list[dict]:
 
 
 __all__ = [
+    "FEEDBACK_MODES",
+    "closed_loop_states",
+    "closed_span_slots",
     "diagnose",
     "draw_lens",
     "latent_similarity_maps",
+    "layer_norms",
+    "norms_summary_line",
     "plot_norms",
     "probe",
     "probe_markdown",
     "run_latent_lens",
     "run_norm_diagnosis",
     "run_probe",
+    "teacher_forced_states",
 ]
