@@ -268,7 +268,10 @@ def plot_probe(report: dict, path: str, title: str = "") -> None:
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("held-out accuracy (95 % interval)")
         ax.set_title(f"decoding `{column}` from the latents (dashed: chance)", fontsize=9)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
+        if probed:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
+        else:
+            ax.text(0.5, 0.5, "too few rows opened a span: nothing to probe", ha="center", transform=ax.transAxes)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
