@@ -246,6 +246,7 @@ def evaluate_checkpoint(model, processor, test, kind: str, args, seed: int, log,
 
 
 PROBE_LABELS = {"colour": "answer", "shape": "shape"}  # what the probe decodes: the crop's colour and shape
+PROBE_MIN_ROWS = 20  # fewer test rows with a span: the held-out intervals would be too wide to say anything
 
 
 def probe_checkpoint(model, processor, test, first_spans, seed: int) -> dict:
@@ -256,7 +257,7 @@ def probe_checkpoint(model, processor, test, first_spans, seed: int) -> dict:
     sources = {"closed loop": first_spans,
                "targets": list(target_latents(model, processor, [r["aux_images"][0] for r in test]))}
     labels = {name: [r[column] for r in test] for name, column in PROBE_LABELS.items()}
-    return probe_sources(sources, labels, seed=seed)
+    return probe_sources(sources, labels, seed=seed, min_rows=PROBE_MIN_ROWS)
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
@@ -437,7 +438,8 @@ def pool_probes(reports: list[dict]) -> dict:
             rows, without = sum(r["rows"] for r in results), sum(r["rows_without_span"] for r in results)
             if any("latents" not in r for r in results):
                 pooled[label][source] = dict(rows=rows, rows_without_span=without,
-                                             note="too few rows opened a span to probe in some seed")
+                                             note=f"fewer than {PROBE_MIN_ROWS} rows with a span in some "
+                                                  "seed: not probed")
                 continue
             entry = dict(rows=rows, rows_without_span=without,
                          chance=sum(r["chance"] * r["rows"] for r in results) / rows, latents={}, shuffled={})

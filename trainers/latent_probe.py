@@ -183,18 +183,21 @@ def target_latents(model, processor, aux_images: list, batch_size: int = 16) -> 
     return torch.cat(parts)
 
 
-def probe_sources(sources: dict, labels: dict, folds: int = 5, seed: int = 0, l2: float = 1e-2) -> dict:
+def probe_sources(sources: dict, labels: dict, folds: int = 5, seed: int = 0, l2: float = 1e-2,
+                  min_rows: int | None = None) -> dict:
     """`sources`: name -> per-row (K, d) latents or None (rows without a span are left out of that source);
     `labels`: column -> per-row values. Returns column -> source -> `probe_latents` result (plus `rows_without_span`).
-    The shuffled-label probe runs on every source."""
+    The shuffled-label probe runs on every source. A source with fewer than `min_rows` rows (default: `folds`) is
+    reported, not probed."""
+    min_rows = max(min_rows or folds, folds)
     report = {}
     for column, values in labels.items():
         report[column] = {}
         for name, per_row in sources.items():
             kept = [i for i, latents in enumerate(per_row) if latents is not None]
-            if len(kept) < folds:
+            if len(kept) < min_rows:
                 report[column][name] = dict(rows=len(kept), rows_without_span=len(per_row) - len(kept),
-                                            note=f"only {len(kept)} rows opened a span: too few to probe")
+                                            note=f"{len(kept)} rows with a span: too few to probe (< {min_rows})")
                 continue
             latents = torch.stack([per_row[i] for i in kept])
             result = probe_latents(latents, [values[i] for i in kept], folds, seed, l2)
