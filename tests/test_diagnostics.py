@@ -114,7 +114,8 @@ def test_norms_are_measured_at_the_states_the_head_maps(span_opening_model, tmp_
         visual = torch.cat(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
                            .pooler_output).norm(dim=-1).mean().item()
     assert math.isclose(result["visual_input_embedding_norm"], visual, rel_tol=1e-4)
-    assert math.isclose(result["feedback_ratio"]["pca"], loops["pca"]["fed"].norm(dim=-1).mean().item() / visual, rel_tol=1e-4)
+    fed_pca = loops["pca"]["fed"].norm(dim=-1).mean().item()
+    assert math.isclose(result["feedback_ratio"]["pca"], fed_pca / visual, rel_tol=1e-4)
     assert math.isclose(result["feedback_ratio"]["ema_norm"], float(model.latent_head.ema_norm) / visual, rel_tol=1e-4)
     assert result["feedback_ratio"]["raw"] > 10 * result["feedback_ratio"]["pca"]  # the mismatch the head corrects
     assert set(result["teacher_forced"]["feedback"]) == {"raw", "ema_norm", "pca"}

@@ -96,4 +96,5 @@ def test_gap_probe_latents_writes_json_table_and_png(probe_inputs, capsys):
         main(["probe-latents", "--model_name_or_path", str(root / "model-0"), "--dataset_name", str(root / "data"),
               "--label_columns", "colour", "--output_dir", str(root / "bad")])
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("gap probe-latents: error: ") and "label column(s) ['colour'] are not in" in error and "--label_columns" in error
+    assert error.startswith("gap probe-latents: error: label column(s) ['colour'] are not in")
+    assert "--label_columns" in error

@@ -399,7 +399,8 @@ def summarize(runs: dict, seeds, budgets, bootstrap: Bootstrap) -> list[dict]:
             # per test row and seed, 1 = right, for any later paired comparison
             entry["per_row"] = {condition: ["".join(str(int(r["correct"])) for r in evaluations[s][budget][condition])
                                             for s in seeds]
-                                for condition in evaluations[seeds[0]][budget] if condition not in ("norms", "latent_probe")}
+                                for condition in evaluations[seeds[0]][budget]
+                                if condition not in ("norms", "latent_probe")}
             if "teacher_forced" in evaluations[seeds[0]][budget]:
                 tf = np.array(_correct_array(evaluations, seeds, budget, "teacher_forced"))
                 mean, low, high = bootstrap.interval(tf)

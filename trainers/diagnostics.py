@@ -35,8 +35,8 @@ from .evaluation import (
 )
 from .outputs import write_json
 
-NORMS_NO_SPAN_NOTE = ("the model never opened a latent span on these rows in closed loop, so nothing was fed to measure "
-                      "there; the teacher-forced figures (rows with `messages` and `aux_images`) still apply")
+NORMS_NO_SPAN_NOTE = ("the model never opened a latent span on these rows in closed loop, so nothing was fed to "
+                      "measure there; the teacher-forced figures (rows with `messages` and `aux_images`) still apply")
 NO_SPAN_NOTE = ("the model never opened a latent span on these rows, so the interventions have nothing to act on: "
                 "train it with latent supervision first (e.g. `make demo` saves a pca checkpoint that does)")
 

@@ -162,7 +162,8 @@ def fed_latents(model, processor, rows, batch_size: int = 8, max_new_tokens: int
     for begin in range(0, len(rows), batch_size):
         chunk = rows[begin : begin + batch_size]
         inputs = processor(images=[i.convert("RGB") for r in chunk for i in r.images],
-                           text=[build_prompt(processor, r) for r in chunk], padding=True, return_tensors="pt").to(device)
+                           text=[build_prompt(processor, r) for r in chunk], padding=True,
+                           return_tensors="pt").to(device)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, return_latents=True, **generate_kwargs)
         found += [latents[0].float().cpu() if latents is not None and len(latents) else None for latents in out.latents]
     return found
