@@ -5,6 +5,7 @@ the model (teacher-forced forward; latent-aware `generate` lives in `generation_
 conversion of a stock Qwen2.5-VL checkpoint.
 """
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -228,7 +229,8 @@ class GapCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
         latent_loss (`torch.FloatTensor` of shape `()`, *optional*):
             Loss of the latent head's predictions against the latent targets (returned when the batch has spans).
         latent_predictions (`torch.FloatTensor` of shape `(num_spans, K, hidden_size)`, *optional*):
-            The head's output at each latent slot, computed from the hidden state before the slot.
+            The head's output at each latent slot, computed from the hidden state before the slot. A full-sequence
+            forward without spans returns it with `num_spans = 0` (the head still ran, see `forward`).
         latent_targets (`torch.FloatTensor` of shape `(num_spans, K, hidden_size)`, *optional*):
             The targets of those slots (spans in batch order: row by row, left to right).
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, kept_length, hidden_size)`):
@@ -468,9 +470,11 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
             )
         has_spans = targets is not None and targets.shape[0] > 0
 
+        # Sharded training (ZeRO-3, FSDP) gathers a module's weights when it is called, and every rank must call the
+        # same modules in the same order: the embedding is looked up here whether or not this batch has spans.
+        if slots is not None and inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         if has_spans:
-            if inputs_embeds is None:
-                inputs_embeds = self.get_input_embeddings()(input_ids)
             targets = targets.to(inputs_embeds.device, inputs_embeds.dtype)
             fed = latent_inputs
             if fed is None:
@@ -520,6 +524,12 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
                 )
             if weight == 0:
                 latent_loss = latent_loss.detach()
+        elif slots is not None:
+            # No span here, but maybe on another rank: run the head on no rows, so that every rank calls it (and, in
+            # training, its weights get a zero gradient) whatever its batch holds.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.latent_loss_weight > 0):
+                empty = self.latent_head(hidden_states[:, :0].flatten(0, 1), self.config.latent_feedback)
+            latent_predictions = empty.reshape(0, self.config.num_latent_tokens, empty.shape[-1])
 
         loss = ce_loss
         if latent_loss is not None and self.config.latent_loss_weight > 0:
@@ -543,25 +553,24 @@ class GapQwen2_5VLForConditionalGeneration(GapGenerationMixin, Qwen2_5_VLForCond
 
 
     @torch.no_grad()
-    def closed_loop_latent_inputs(self, **batch) -> torch.Tensor | None:
+    def closed_loop_latent_inputs(self, num_passes: int | None = None, **batch) -> torch.Tensor | None:
         """The (num_spans, K, d) latents the model itself would feed at the slots of `batch` (closed loop).
 
         A slot's latent depends only on the slots before it, so n teacher-forced passes (n = most slots in a row),
         each feeding the head's predictions of the previous pass, reach exactly what a step-by-step closed loop feeds
         (no gradient).
-        Feed the result as `latent_inputs` to train with `latent_feedback_training="self"`.
+        Feed the result as `latent_inputs` to train with `latent_feedback_training="self"`. `num_passes` overrides n
+        (sharded training passes the most over all ranks, so that every rank runs as many forwards).
         """
         batch = {k: v for k, v in batch.items() if k not in ("labels", "latent_inputs")}
         outputs = self(**batch)
-        if outputs.latent_predictions is None:
-            return None
-        targets = outputs.latent_targets
+        has_spans = outputs.latent_loss is not None
+        passes = int(self.latent_slot_mask(batch["input_ids"]).sum(-1).max()) if num_passes is None else num_passes
         batch = {k: v for k, v in batch.items() if k not in ("aux_pixel_values", "aux_image_grid_thw")}
-        batch["latent_targets"] = targets
-        passes = int(self.latent_slot_mask(batch["input_ids"]).sum(-1).max())
+        batch["latent_targets"] = outputs.latent_targets
         for _ in range(passes - 1):
-            outputs = self(**batch, latent_inputs=outputs.latent_predictions)
-        return outputs.latent_predictions.detach()
+            outputs = self(**batch, latent_inputs=outputs.latent_predictions if has_spans else None)
+        return outputs.latent_predictions.detach() if has_spans else None
 
 
 def _module_leaf(cls) -> str:
@@ -569,11 +578,24 @@ def _module_leaf(cls) -> str:
 
 
 # ---- fitting the head and converting stock checkpoints -----------------------------------------------------
+def gathered_parameters(params: Iterable[nn.Parameter], modifier_rank: int | None = None):
+    """A context in which DeepSpeed ZeRO-3 partitioned `params` are whole (`deepspeed.zero.GatheredParameters`;
+    with `modifier_rank`, what that rank writes is partitioned back); a no-op for ordinary parameters. For work on
+    weights outside a module's own forward: the PCA fit, conversion."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
 @torch.no_grad()
 def visual_input_embeddings(model, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
     """(n_tokens, d): what fills the `<|image_pad|>` slots for these images (vision tower + merger)."""
-    device = next(model.parameters()).device
-    features = model.model.get_image_features(pixel_values.to(device), image_grid_thw.to(device)).pooler_output
+    device = model.model.visual.patch_embed.proj.weight.device
+    with gathered_parameters(model.model.visual.parameters()):
+        features = model.model.get_image_features(pixel_values.to(device), image_grid_thw.to(device)).pooler_output
     return torch.cat(features)
 
 
@@ -626,7 +648,9 @@ def fit_latent_head_pca(
     model.train(was_training)
     mean, components, scale = pca.compute(rank, method)
     device = head.pca_mean.device
-    head.set_pca(mean.to(device), components.to(device), scale.to(device))
+    # Every rank fits the same statistics (the same calibration rows): rank 0's write is kept.
+    with gathered_parameters(head.parameters(), modifier_rank=0):
+        head.set_pca(mean.to(device), components.to(device), scale.to(device))
     head.ema_norm.fill_(pca.mean_norm)
     return {"mean": mean, "components": components, "scale": scale, "count": pca.count, "mean_norm": pca.mean_norm}
 
@@ -653,6 +677,22 @@ _FIXED_GAP_FIELDS = (
 )
 
 
+# Stock Qwen2.5-VL checkpoints on the Hub (and those transformers saves) name the weights as transformers 4.x did
+# (`model.layers...`, `visual...`); the stock class maps them by its model type, which the GAP class does not share.
+STOCK_KEY_MAPPING = {r"^visual": "model.visual", r"^model(?!\.(language_model|visual))": "model.language_model"}
+
+
+@contextlib.contextmanager
+def _expected_missing_keys(model_class, patterns: list[str]):
+    """Load `model_class` without reporting `patterns` as missing (the latent head a stock checkpoint lacks)."""
+    saved = model_class._keys_to_ignore_on_load_missing
+    model_class._keys_to_ignore_on_load_missing = [*(saved or []), *patterns]
+    try:
+        yield
+    finally:
+        model_class._keys_to_ignore_on_load_missing = saved
+
+
 def _is_gap_checkpoint(path) -> bool:
     if not (isinstance(path, (str, bytes)) or hasattr(path, "__fspath__")):
         return False
@@ -670,7 +710,9 @@ def _reconfigure_gap(model_or_path, processor, preset, gap_options):
             raise ValueError("Re-configuring an in-memory GAP model needs its `processor`.")
     else:
         path = str(model_or_path)
-        model = GapQwen2_5VLForConditionalGeneration.from_pretrained(path, dtype=gap_options.pop("dtype", "auto"))
+        model = GapQwen2_5VLForConditionalGeneration.from_pretrained(
+            path, dtype=gap_options.pop("dtype", "auto"), **(gap_options.pop("load_options", None) or {})
+        )
         processor = processor or GapQwen2_5VLProcessor.from_pretrained(path)
     fixed = [k for k in _FIXED_GAP_FIELDS if k in gap_options and gap_options[k] != getattr(model.config, k)]
     if preset is not None and preset != model.config.latent_preset:
@@ -703,6 +745,10 @@ def from_qwen2_5_vl(base_model_or_path, processor=None, preset: str | None = Non
     preset. `processor` defaults to the one saved at the path. Returns `(model, processor)`, the processor a
     [`GapQwen2_5VLProcessor`].
 
+    From a path, `dtype` and `load_options` (other `from_pretrained` keyword arguments: `revision`,
+    `attn_implementation`, `use_safetensors`, ...) are used to load it; the stock weights are loaded straight into the
+    GAP class, so that under DeepSpeed ZeRO-3 they are partitioned as they load.
+
     Given a GAP checkpoint (or model), it is re-configured instead: `gap_options` set the fields that leave the
     weights valid (K, feedback, span rule, loss settings) and the fitted latent head is kept; a change of preset,
     latent tokens or PCA rank is refused (those need a conversion from the stock checkpoint).
@@ -725,22 +771,34 @@ def from_qwen2_5_vl(base_model_or_path, processor=None, preset: str | None = Non
         k: options[k] for k in ("num_latent_tokens", "latent_pad_token", "latent_start_token", "latent_end_token")
     }
 
+    path = None
     if isinstance(base_model_or_path, (str, bytes)) or hasattr(base_model_or_path, "__fspath__"):
         path = str(base_model_or_path)
-        base = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=options.pop("dtype", "auto"))
         if processor is None:
             processor = GapQwen2_5VLProcessor.from_stock_pretrained(path, processor_options)
     else:
         base = base_model_or_path
         if processor is None:
             raise ValueError("Converting an in-memory model needs its `processor` (or tokenizer's processor).")
+        if any(hasattr(p, "ds_id") for p in base.parameters()):
+            raise ValueError(
+                "This Qwen2.5-VL is partitioned by DeepSpeed ZeRO-3: convert it from its path instead "
+                "(`from_qwen2_5_vl(path, processor)`), which loads the stock weights straight into the GAP model."
+            )
     if not isinstance(processor, GapQwen2_5VLProcessor):
         processor = GapQwen2_5VLProcessor.from_stock(processor, **processor_options)
     for key, value in processor_options.items():
         setattr(processor, key, value)
 
     pad_id, start_id, end_id = add_latent_tokens(processor.tokenizer, tokens)
-    config_dict = base.config.to_dict()
+    dtype = options.pop("dtype", "auto")
+    load_options = options.pop("load_options", None) or {}
+    stock_config = (
+        Qwen2_5_VLForConditionalGeneration.config_class.from_pretrained(path, **{
+            k: v for k, v in load_options.items() if k in _HUB_OPTIONS})
+        if path is not None else base.config
+    )
+    config_dict = stock_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         config_dict.pop(key, None)
     config = GapQwen2_5VLConfig(
@@ -750,6 +808,28 @@ def from_qwen2_5_vl(base_model_or_path, processor=None, preset: str | None = Non
         latent_start_token_id=start_id,
         latent_end_token_id=end_id,
     )
+
+    if path is not None:
+        # The stock checkpoint's weights have the GAP model's names (the GAP class adds only the latent head), so
+        # transformers loads them itself: under ZeRO-3 straight into partitioned weights, the head initialised.
+        random_state = torch.random.get_rng_state()
+        with _expected_missing_keys(GapQwen2_5VLForConditionalGeneration, [r"^latent_head\."]):
+            model = GapQwen2_5VLForConditionalGeneration.from_pretrained(
+                path, config=config, dtype=dtype, key_mapping=STOCK_KEY_MAPPING, **load_options
+            )
+        # Saved, it is a GAP checkpoint with the GAP model's own names: the stock renaming is not reverted on save.
+        model._weight_conversions = []
+        # The fresh head is initialised from the random state the conversion started in: `from_pretrained` draws it
+        # in another order with and without ZeRO-3 (there on rank 0 only), and a run must not depend on the launch.
+        head = model.latent_head
+        with torch.random.fork_rng(devices=[]), gathered_parameters(head.parameters(), modifier_rank=0):
+            torch.random.set_rng_state(random_state)
+            for tensor in (*head.parameters(), *head.buffers()):
+                tensor._is_hf_initialized = False
+            head.init_weights()
+        if len(processor.tokenizer) > config.text_config.vocab_size:
+            model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+        return model, processor
 
     dtype = next(base.parameters()).dtype
     device = next(base.parameters()).device

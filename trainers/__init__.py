@@ -8,6 +8,7 @@
 - `evaluation` (column mappings, answer extraction, the shipped metric), `diagnostics` (probe, norms, latent lens);
 - `hub`: variants, checkpoint checks, cards from `templates/`, the one-commit push;
 - `synthetic` (the offline task), `tiny` (the tiny random model), `arguments` (each stage's dataclass), `cli` (`gap`).
+- `lmms_eval_plugin`: the lmms-eval model `gap` (entry point), local lmms-eval tasks, the `gap lmms-eval` wrapper.
 
 The names below are imported lazily, so that `import trainers.evaluation` (or `trainers.collator`) does not load TRL.
 """

@@ -179,6 +179,12 @@ class PushArguments:
     revision: str = field(default="main", metadata={"help": "Branch to commit to."})
     commit_message: str | None = field(default=None, metadata={"help": "Commit message (default: names the variant)."})
     token: str | None = field(default=None, metadata={"help": "Hub write token (default: HF_TOKEN / saved login)."})
+    # The Space (trainers.space): the latent inspector of the model, published next to it.
+    space: str | None = field(
+        default=None, metadata={"help": "Also publish the latent-inspector Space ORG/NAME for --repo-id (gradio)."})
+    space_requirement: str | None = field(
+        default=None, metadata={"help": "The Space's requirement line for this package (default: gap-vlm[space]=="
+                                        "<this version>; e.g. a pinned git URL)."})
 
 
 @dataclass
@@ -207,6 +213,34 @@ class MakeDataArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the train split (the test split uses seed + 1)."})
 
 
+@dataclass
+class SpaceArguments(ModelArguments):
+    """`gap space`: run the latent inspector of one checkpoint (a directory, offline, or a Hub id)."""
+
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch or commit sha) to load."})
+    host: str | None = field(
+        default=None, metadata={"help": "Address to listen on (default: gradio's, 127.0.0.1; a Space sets 0.0.0.0)."})
+    port: int | None = field(default=None, metadata={"help": "Port (default: gradio's, 7860 or the next free one)."})
+    examples_dir: str | None = field(
+        default=None, metadata={"help": "Folder of example images with an examples.json of [image, question] "
+                                        "pairs (default: two boards of the synthetic shape task)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Initial 'max new tokens' of the page."})
+    max_latent_spans: int | None = field(
+        default=None, metadata={"help": "Initial 'max latent spans' of the page (default: no limit)."})
+    max_upload_pixels: int = field(
+        default=25_000_000, metadata={"help": "Refuse uploaded images of more pixels (width x height) than this."})
+    max_upload_mb: int = field(default=20, metadata={"help": "Refuse uploaded files larger than this (MB)."})
+    queue_size: int = field(
+        default=32, metadata={"help": "Requests that may wait for the model; more are turned away with a message."})
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "max_upload_pixels", "max_upload_mb", "queue_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)!r}.")
+        if self.max_latent_spans is not None and self.max_latent_spans < 0:
+            raise ValueError(f"--max_latent_spans must be >= 0 or left out; got {self.max_latent_spans!r}.")
+
+
 __all__ = [
     "CapacityArguments",
     "MakeDataArguments",
@@ -218,4 +252,5 @@ __all__ = [
     "ModelArguments",
     "PushArguments",
     "SOURCE_FORMATS",
+    "SpaceArguments",
 ]

@@ -26,9 +26,14 @@ STAGES = {
     "probe-latents": ("trainers.latent_probe", "run_latent_probe", ["trainers.latent_probe:LatentProbeArguments"]),
     "latent-lens": ("trainers.diagnostics", "run_latent_lens", ["trainers.arguments:EvalArguments"]),
     "push": ("trainers.hub", "publish", ["trainers.arguments:PushArguments"]),
+    "space": ("trainers.space", "run_space", ["trainers.arguments:SpaceArguments"]),
     "make-tiny": ("trainers.tiny", "make_tiny", ["trainers.arguments:MakeTinyArguments"]),
     "make-data": ("trainers.dataset_loader", "make_data", ["trainers.arguments:MakeDataArguments"]),
+    "memory-plan": ("trainers.memory_plan", "memory_plan", ["trainers.memory_plan:MemoryPlanArguments"]),
     "demo": ("trainers.demo", "main", None),
+    # lmms-eval (trainers/lmms_eval_plugin; installed by `make install`)
+    "lmms-eval": ("trainers.lmms_eval_plugin.runner", "main", None),
+    "lmms-eval-tasks": ("trainers.lmms_eval_plugin.runner", "write_tasks_main", None),
 }
 SUMMARIES = {
     "convert": "Monet / Mirage / LVR data -> GAP's dataset schema",
@@ -41,9 +46,13 @@ SUMMARIES = {
     "probe-latents": "what the latents carry: a linear probe from each fed latent to a row property",
     "latent-lens": "where each latent looks: similarity to the image's visual tokens",
     "push": "publish a hub_configs/ variant (weights, code, card) in one commit",
+    "space": "serve the latent inspector of a checkpoint (gradio; pip install -e '.[space]')",
     "make-tiny": "write a tiny random GAP (or stock Qwen2.5-VL) checkpoint, offline",
     "make-data": "write the offline synthetic task (train / test splits in GAP's schema)",
+    "memory-plan": "parameters and memory per GPU of the 7B recipes (full ZeRO-3, LoRA, QLoRA), no download",
     "demo": "the offline end-to-end demo (make demo)",
+    "lmms-eval": "run lmms-eval's CLI (model `gap`), failing unless its results file holds every task's result",
+    "lmms-eval-tasks": "write lmms-eval task YAMLs over local data (GAP rows; vstar/hrbench/mme-realworld/mathvista)",
 }
 
 

@@ -403,14 +403,27 @@ def latent_similarity_maps(model, processor, row, max_new_tokens: int = 64, **ge
                        return_tensors="pt").to(device)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_latents=True,
                          **generate_kwargs)
+    visual, grid = first_image_tokens(model, inputs)
+    text = processor.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return lens_maps(out.latents[0], visual, grid), text
+
+
+@torch.no_grad()
+def first_image_tokens(model, inputs) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The visual tokens of the first image of a processor batch, (tokens, hidden) as they fill its
+    `<|image_pad|>` slots, and their grid (gh, gw) after the spatial merge."""
     grid = inputs["image_grid_thw"][0]
     merge = model.config.vision_config.spatial_merge_size
-    gh, gw = int(grid[1]) // merge, int(grid[2]) // merge
     visual = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
-    latents = out.latents[0].to(visual.dtype)  # (spans, K, d)
+    return visual, (int(grid[1]) // merge, int(grid[2]) // merge)
+
+
+def lens_maps(latents: torch.Tensor, visual: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Cosine similarity of each fed latent (spans, K, hidden) to each visual token (tokens, hidden), on the
+    token grid: (spans, K, gh, gw), float32 on the CPU."""
+    latents = latents.to(visual.device, visual.dtype)
     similarity = F.cosine_similarity(latents[:, :, None, :], visual[None, None], dim=-1)  # (spans, K, tokens)
-    text = processor.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return similarity.reshape(*similarity.shape[:2], gh, gw).float().cpu(), text
+    return similarity.reshape(*similarity.shape[:2], *grid).float().cpu()
 
 
 def _drawable(text: str) -> str:
@@ -423,9 +436,10 @@ def _drawable(text: str) -> str:
     return "".join(ch if ch.isprintable() and ord(ch) in drawable else "?" for ch in text)
 
 
-def draw_lens(image, maps: torch.Tensor, path: str, title: str = ""):
+def draw_lens(image, maps: torch.Tensor, path, title: str = "", first: tuple[int, int] = (0, 0)):
     """lens_<row>.png: rows are spans, columns latents; each panel the similarity heatmap over the image, with one
-    colour bar (cosine similarity, -1 to 1) for all."""
+    colour bar (cosine similarity, -1 to 1) for all. `path` may be a file object (PNG); `first` numbers the
+    panels of a slice of the maps (the Space draws one latent per figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -442,7 +456,7 @@ def draw_lens(image, maps: torch.Tensor, path: str, title: str = ""):
             if spans:
                 grid = F.interpolate(maps[s, j][None, None], size=image.size[::-1], mode="nearest")[0, 0]
                 heat = ax.imshow(grid, cmap="inferno", alpha=0.55, vmin=-1, vmax=1)
-                ax.set_title(f"span {s} latent {j}", fontsize=7)
+                ax.set_title(f"span {s + first[0]} latent {j + first[1]}", fontsize=7)
             ax.axis("off")
     if heat is not None:
         fig.colorbar(heat, ax=axes.ravel().tolist(), shrink=0.8, label="cosine similarity to visual token")
@@ -450,7 +464,7 @@ def draw_lens(image, maps: torch.Tensor, path: str, title: str = ""):
     if not spans:
         title = f"{title}\nno latent span generated: nothing to draw"
     fig.suptitle(title, fontsize=8, parse_math=False)  # generated text is not TeX: a "$" stays a "$"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.savefig(path, dpi=100, bbox_inches="tight", format="png")
     plt.close(fig)
 
 
@@ -480,8 +494,10 @@ __all__ = [
     "closed_span_slots",
     "diagnose",
     "draw_lens",
+    "first_image_tokens",
     "latent_similarity_maps",
     "layer_norms",
+    "lens_maps",
     "norms_summary_line",
     "plot_norms",
     "probe",

@@ -33,6 +33,7 @@ from transformers import AutoProcessor
 from trl import SFTTrainer
 from trl.kernels import ChunkedLogProbFunction
 from trl.kernels.chunked_logprob import _use_triton
+from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, maybe_gather_lm_head_ctx
 
 from .collator import ROW_INDEX_COLUMN, GapDataCollator, validate_gap_dataset
@@ -159,6 +160,7 @@ class GapSFTTrainer(SFTTrainer):
                     param.data = param.data.to(dtype)
         self._latent_pad_id, self._latent_start_id, _ = base.config.latent_token_ids
         self._step_counts = None
+        self._forward_redirection = _ForwardRedirection()
 
     # ---- datasets ------------------------------------------------------------------------------------------
     @staticmethod
@@ -208,12 +210,16 @@ class GapSFTTrainer(SFTTrainer):
 
     # ---- the loss ------------------------------------------------------------------------------------------
     def _closed_loop_latents(self, base, forward_inputs: dict):
-        """The head's own latents for every slot of the batch (no gradient, eval mode: no EMA update)."""
+        """The head's own latents for every slot of the batch (no gradient, eval mode: no EMA update). Every rank
+        runs as many passes (the most any rank needs), so that sharded weights are gathered in step."""
+        passes = (forward_inputs["input_ids"] == self._latent_pad_id).sum(-1).max().reshape(1)
+        if self.accelerator.num_processes > 1:
+            passes = self.accelerator.gather(passes).max()
         was_training = base.training
         base.eval()
         try:
             with torch.no_grad():
-                return base.closed_loop_latent_inputs(**forward_inputs)
+                return base.closed_loop_latent_inputs(num_passes=max(int(passes), 1), **forward_inputs)
         finally:
             base.train(was_training)
 
@@ -256,18 +262,28 @@ class GapSFTTrainer(SFTTrainer):
         rows = inputs.get("gap_row_indices")
         forward_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "gap_row_indices")}
         forward_inputs["use_cache"] = False
-        slots_in_batch = inputs["input_ids"] == self._latent_pad_id
-        if self.args.latent_feedback_training == "self" and bool(slots_in_batch.any()):
+        if self.args.latent_feedback_training == "self":
             forward_inputs["latent_inputs"] = self._closed_loop_latents(base, forward_inputs)
 
-        captured = {}
+        def forward_and_score(**kwargs):
+            # Runs as the GAP model's own forward (redirected through every wrapper: DeepSpeed, DDP, PEFT), so
+            # that the LM head's weight, gathered here under ZeRO-3, is used where its gradient hooks are armed.
+            captured = {}
 
-        def keep_hidden_states(module, args, output):
-            captured["hidden_states"] = output.last_hidden_state
+            def keep_hidden_states(module, args, output):
+                captured["hidden_states"] = output.last_hidden_state
 
-        handle = base.model.register_forward_hook(keep_hidden_states)
+            handle = base.model.register_forward_hook(keep_hidden_states)
+            try:
+                outputs = base.forward(**kwargs)
+            finally:
+                handle.remove()
+            return outputs, self._token_log_probs(base, captured["hidden_states"], labels)
+
         try:
-            outputs = model(**forward_inputs, logits_to_keep=0 if return_outputs else 1)
+            outputs, scores = self._forward_redirection(
+                model, base, forward_and_score, **forward_inputs, logits_to_keep=0 if return_outputs else 1
+            )
         except ValueError as error:
             if rows is None:
                 raise
@@ -275,16 +291,18 @@ class GapSFTTrainer(SFTTrainer):
             named = re.sub(r"\bRow (\d+)", lambda m: f"Batch row {m.group(1)} (dataset row "
                            f"{rows[int(m.group(1))].item() if int(m.group(1)) < len(rows) else '?'})", str(error))
             raise ValueError(f"{named} [dataset rows of this batch: {rows.tolist()}]") from error
-        finally:
-            handle.remove()
 
-        log_probs, entropy, is_top1, mask = self._token_log_probs(base, captured.pop("hidden_states"), labels)
+        log_probs, entropy, is_top1, mask = scores
         ce_sum = -log_probs.sum()
         num_tokens = mask.sum()
         weight = self.args.latent_loss_weight
         has_spans = outputs.latent_loss is not None
         num_slots = outputs.latent_predictions.shape[0] * outputs.latent_predictions.shape[1] if has_spans else 0
         latent_sum = outputs.latent_loss.float() * num_slots if has_spans else None
+        if not has_spans and outputs.latent_predictions is not None:
+            # The head ran on no rows (see the model's forward): its zero term gives its weights a zero gradient,
+            # so that every rank reduces the same gradients whether or not its batch had spans.
+            ce_sum = ce_sum + outputs.latent_predictions.sum() * 0
 
         if mode == "train" and self._step_counts is not None:
             step_tokens, step_slots = self._step_counts.to(ce_sum.device).clamp(min=1)

@@ -3,6 +3,13 @@
     HF_TOKEN=hf_... gap push --variant hub_configs/gap-qwen2.5-vl-7b-pca.yaml \\
         --checkpoint outputs/gap-7b-pca --repo-id ORG/gap-qwen2.5-vl-7b-pca [--dataset data/gap-sft] [--public]
 
+`--space ORG/NAME` also publishes the model's latent inspector (`trainers.space`, a Gradio app) as a Space, in one
+commit after the model's: `app.py` (loads the model at the commit just made), `requirements.txt` (this package,
+pinned, with its `[space]` extra; `--space_requirement` for another source such as a pinned git URL), a README with
+the Space card (`sdk: gradio`, `sdk_version`, `app_file`, `models:`) and example images; the model card links it.
+Without `--checkpoint` the Space is published for the model repo's current head. The Space's commit goes to its
+`main` branch (the one a Space serves); a private model needs a read token as the Space's secret `HF_TOKEN` (printed).
+
 `--variant` is a file in `hub_configs/` (see `HubVariant`): what the card says about the model. `--checkpoint` is a
 GAP checkpoint directory (`save_pretrained` of the model and the processor) or, for a `kind: lora` variant, a PEFT
 adapter directory. `--dataset DIR` also pushes a training dataset saved with `datasets.save_to_disk`
@@ -374,7 +381,8 @@ def read_results(variant: HubVariant, results_path: str | None) -> list[tuple[st
     return [(name, f"{value:.4g}" if isinstance(value, float) else str(value)) for name, value in results.items()]
 
 
-def model_card(variant: HubVariant, repo_id: str, config: dict, results, files, datasets: list[str]):
+def model_card(variant: HubVariant, repo_id: str, config: dict, results, files, datasets: list[str],
+               space_repo_id: str | None = None):
     from huggingface_hub import ModelCard, ModelCardData
 
     card_data = ModelCardData(
@@ -396,6 +404,7 @@ def model_card(variant: HubVariant, repo_id: str, config: dict, results, files, 
         card_data, template_str=card_template("model_card"), title=variant.card.title, summary=variant.card.summary,
         intended_use=variant.card.intended_use, limitations=variant.card.limitations, kind=variant.kind,
         repo_id=repo_id, settings=settings, results=results, files=files, datasets=datasets,
+        space_repo_id=space_repo_id,
     )
 
 
@@ -478,7 +487,7 @@ def prepare_model(args: PushArguments, variant: HubVariant, token: str, datasets
         files = [(n, os.path.getsize(os.path.join(checkpoint, n)),
                   "(LFS, on the Hub)" if n.endswith(".safetensors") else sha256_file(os.path.join(checkpoint, n)))
                  for n in publish]
-        card = model_card(variant, args.repo_id, config, results, files, datasets)
+        card = model_card(variant, args.repo_id, config, results, files, datasets, space_repo_id=args.space)
         check_text_for_secret(str(card), token, "the generated model card (from the variant and --results)")
     return ModelUpload(publish, left_out, card)
 
@@ -550,8 +559,10 @@ def push(args: PushArguments) -> dict:
         raise PushError("--variant and --repo-id are required.")
     if not re.fullmatch(r"[^/\s]+/[^/\s]+", args.repo_id):
         raise PushError(f"--repo-id must be ORG/NAME; got {args.repo_id!r}.")
-    if not args.checkpoint and not args.dataset:
-        raise PushError("nothing to push: give --checkpoint and/or --dataset.")
+    if not args.checkpoint and not args.dataset and not args.space:
+        raise PushError("nothing to push: give --checkpoint, --dataset and/or --space.")
+    if args.space and not re.fullmatch(r"[^/\s]+/[^/\s]+", args.space):
+        raise PushError(f"--space must be ORG/NAME; got {args.space!r}.")
     token = resolve_token(args)
     with step(args.repo_id, "read the variant", token):
         variant = HubVariant.from_file(args.variant).for_org(args.repo_id.split("/")[0])
@@ -561,13 +572,61 @@ def push(args: PushArguments) -> dict:
     datasets = list(dict.fromkeys(variant.datasets + ([dataset_repo_id] if args.dataset else [])))
     upload = prepare_model(args, variant, token, datasets) if args.checkpoint else None
     splits, described = prepare_dataset(args, variant, dataset_repo_id, token) if args.dataset else (None, None)
+    if args.space:  # every check of the Space's files, before any request (the model's sha is filled in later)
+        prepare_space(args, variant, token, model_revision="0" * 40)
 
     summary = {}
     if args.dataset:
         summary.update(push_dataset(args, variant, token, dataset_repo_id, splits, described))
     if args.checkpoint:
         summary.update(push_model(args, variant, token, upload))
+    if args.space:
+        summary.update(push_space(args, variant, token, model_revision=summary.get("sha")))
     return summary
+
+
+# ---- the Space (the latent inspector of `trainers.space`) -------------------------------------------------------------
+def prepare_space(args: PushArguments, variant: HubVariant, token: str, model_revision: str) -> dict[str, bytes]:
+    """The Space's files, {path: bytes}, checked for the token (every byte of every file, images included)."""
+    from .space import space_files
+
+    with step(args.space, "check the Space files", token):
+        files = space_files(args.repo_id, model_revision, title=variant.card.title, license=variant.license,
+                            requirement=args.space_requirement)
+        for path, content in files.items():
+            if token and token.encode() in content:
+                raise ValueError(f"the Space file {path} contains the Hub token; refusing to upload it (remove the "
+                                 "token from --space_requirement or the variant)")
+    return files
+
+
+def push_space(args: PushArguments, variant: HubVariant, token: str, model_revision: str | None) -> dict:
+    """The Space in one commit: app.py, requirements.txt, README.md (Space card), examples/. The app loads the model
+    at `model_revision` (the model commit just made, else the model repo's current head)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    space, api = args.space, HfApi(token=token)
+    with step(space, f"read the model repo {args.repo_id}", token):
+        model = api.model_info(args.repo_id, revision=model_revision or args.revision)
+    model_revision = model_revision or model.sha
+    files = prepare_space(args, variant, token, model_revision)
+    with step(space, "create the Space", token):
+        api.create_repo(space, repo_type="space", space_sdk="gradio", private=not args.public, exist_ok=True)
+    # A Space serves its main branch, whichever branch the model went to.
+    with step(space, "read the head of 'main'", token):
+        head = api.repo_info(space, repo_type="space", revision="main")
+    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=content) for path, content in files.items()]
+    with step(space, "upload the Space files and commit", token,
+              note=f". Nothing was published: 'main' is still at {head.sha}."):
+        commit = api.create_commit(space, repo_type="space", operations=operations, revision="main",
+                                   parent_commit=head.sha,
+                                   commit_message=f"Latent inspector for {args.repo_id} at {model_revision[:12]}")
+    print(f"published Space {space} at {commit.oid} ({len(operations)} files, one commit; the app loads "
+          f"{args.repo_id} at {model_revision})")
+    if model.private:
+        print(f"  {args.repo_id} is private: give the Space a read token as its secret HF_TOKEN (Space settings), "
+              "or it cannot load the model")
+    return dict(space_repo_id=space, space_sha=commit.oid, space_files=sorted(files))
 
 
 def publish(args: PushArguments) -> dict:

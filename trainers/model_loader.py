@@ -107,9 +107,15 @@ def load_model(
     if config.model_type == STOCK_MODEL_TYPE and stock == "convert":
         if quantization is not None:
             raise ValueError("Convert the stock checkpoint first (`gap fit-pca`), then quantize the GAP checkpoint.")
-        base = _from_pretrained(AutoModelForImageTextToText, name_or_path, allow_pickle_weights, **loading)
         processor = load_processor(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-        return from_qwen2_5_vl(base, processor, **gap_options)
+        # Converted from the path: the stock weights load straight into the GAP class (partitioned under ZeRO-3);
+        # the fresh latent head is drawn from `seed`.
+        torch.manual_seed(seed)
+        load_options = {k: v for k, v in loading.items() if k not in ("dtype", "trust_remote_code")}
+        return _from_pretrained(
+            lambda path, **kwargs: from_qwen2_5_vl(path, processor, **kwargs), name_or_path, allow_pickle_weights,
+            dtype=dtype, load_options=load_options, **gap_options,
+        )
     if config.model_type != STOCK_MODEL_TYPE and gap_options:
         for name, value in gap_options.items():
             if getattr(config, name, value) != value:
@@ -128,9 +134,11 @@ def load_model(
     return model, processor
 
 
-def _from_pretrained(auto_class, name_or_path, allow_pickle_weights: bool, **kwargs):
+def _from_pretrained(load, name_or_path, allow_pickle_weights: bool, **kwargs):
+    """`load.from_pretrained(name_or_path, **kwargs)` (an auto class) or `load(name_or_path, **kwargs)`, with the
+    missing-safetensors error explained."""
     try:
-        return auto_class.from_pretrained(name_or_path, **kwargs)
+        return getattr(load, "from_pretrained", load)(name_or_path, **kwargs)
     except OSError as error:
         if not allow_pickle_weights and "safetensors" in str(error).lower():
             raise OSError(

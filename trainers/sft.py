@@ -48,9 +48,10 @@ def load_sft_model(script_args, training_args, model_args):
     )
 
 
-# What `accelerate launch` sets for a config that shards the model: accelerate runs these on GPUs only (on a machine
-# without one, every process would train alone, on the same output_dir).
-GPU_ONLY_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+# What `accelerate launch` sets for a config that accelerate runs on GPUs only (on a machine without one, every process
+# would train alone, on the same output_dir). DeepSpeed is not here: it runs on CPU processes too (its CPU accelerator
+# over gloo).
+GPU_ONLY_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP"}
 
 
 def check_launch():
@@ -64,7 +65,7 @@ def check_launch():
             raise ValueError(
                 f"this launch asks for {name} (its accelerate config), which accelerate runs on GPUs only and this "
                 "machine has none: on CPU every process would train alone. Use "
-                "recipes/accelerate_configs/ddp.yaml with --cpu (gloo) here, or run on GPUs."
+                "recipes/accelerate_configs/zero3.yaml (DeepSpeed ZeRO-3) or ddp.yaml here, or run on GPUs."
             )
 
 

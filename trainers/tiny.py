@@ -5,6 +5,8 @@ Qwen2.5-VL chat template; the vision tower is two blocks wide 32. Nothing is dow
 either as a checkpoint: the offline stand-in for `Qwen/Qwen2.5-VL-7B-Instruct` (`--stock`) or for a GAP checkpoint.
 """
 
+import contextlib
+
 import torch
 from transformers import (
     Qwen2_5_VLConfig,
@@ -109,12 +111,28 @@ def tiny_qwen2_5_vl_config(tokenizer=None, hidden_size: int = 64, num_layers: in
     )
 
 
+@contextlib.contextmanager
+def whole_weights():
+    """Build modules with whole weights even when DeepSpeed ZeRO-3 is configured (transformers would otherwise
+    construct them partitioned under `zero.Init`, and initialise them in another order): a tiny model is built as in
+    one process, the same weights for the same seed, and DeepSpeed partitions it when its engine starts."""
+    from transformers.integrations import deepspeed
+
+    saved = deepspeed._hf_deepspeed_config_weak_ref
+    deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def build_tiny_qwen2_5_vl(seed: int = 0, **config_options):
     """(stock `Qwen2_5_VLForConditionalGeneration`, tokenizer, image processor), random weights, fp32, eval mode."""
     tokenizer = tiny_tokenizer()
     config = tiny_qwen2_5_vl_config(tokenizer, **config_options)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with whole_weights():
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     return model, tokenizer, tiny_image_processor()
@@ -137,7 +155,8 @@ def build_tiny_gap(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, **
     model, tokenizer, image_processor = build_tiny_qwen2_5_vl(seed, hidden_size=hidden_size, num_layers=num_layers)
     processor = GapQwen2_5VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     torch.manual_seed(seed + 1)
-    return from_qwen2_5_vl(model, processor, **gap_options)
+    with whole_weights():
+        return from_qwen2_5_vl(model, processor, **gap_options)
 
 
 def make_tiny(args) -> str:
