@@ -65,7 +65,7 @@ def test_study_writes_table_json_and_png_with_intervals(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_metric_tells_used_latents_from_a_control_that_carries_none(tmp_path):
+def test_the_metric_tells_used_latents_from_a_control_that_ignores_them(tmp_path):
     """At a budget where pca has learned (400 steps, the make-demo slice's), zeroing or shuffling its latents costs
     accuracy beyond the interval, while the same interventions cost the noise-latent control (trained with noise at
     the latent slots) nothing: its effects lie above pca's, intervals apart, and none is a loss beyond its interval.
