@@ -117,9 +117,17 @@ class GapLatentHead(nn.Module):
 
     def init_weights(self):
         """The state of an unfitted head: identity subspace, unit scale, uncalibrated EMA norm. Uses transformers'
-        guarded initialisers, so weights loaded from a checkpoint are left alone."""
+        guarded initialisers, so weights loaded from a checkpoint are left alone.
+
+        `proj` is drawn from its own generator seeded with `torch.initial_seed()` (the last `torch.manual_seed`), not
+        from the global stream: the model's `__init__` runs this after the stock `post_init` has consumed draws,
+        while a load with the head missing (on the meta device, then `_init_weights`) runs it at another point of
+        the stream; with its own generator both give the same head for the same seed."""
         init.ones_(self.norm.weight)
-        init.normal_(self.proj.weight, std=1.0 / math.sqrt(self.proj.in_features))
+        weight = self.proj.weight
+        if weight.device.type != "meta":
+            generator = torch.Generator(device=weight.device).manual_seed(torch.initial_seed())
+            init.normal_(weight, std=1.0 / math.sqrt(self.proj.in_features), generator=generator)
         init.zeros_(self.pca_mean)
         init.copy_(self.pca_components, torch.eye(*self.pca_components.shape, dtype=self.pca_components.dtype,
                                                   device=self.pca_components.device))

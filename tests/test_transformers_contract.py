@@ -341,6 +341,42 @@ def test_missing_latent_head_is_initialised_deterministically(tmp_path):
         assert torch.isfinite(tensor).all(), name
 
 
+def test_can_init_all_missing_weights():
+    """transformers' `test_can_init_all_missing_weights`, for the GAP class: with the seed set before each module's
+    initialisation, a model built from its config equals one loaded with every weight missing (built on the meta
+    device, then initialised by `_init_weights`), tensor for tensor, the latent head included."""
+    import copy
+
+    from transformers import PreTrainedModel, set_seed
+
+    config = build_tiny_gap(seed=SEED)[0].config
+    original = PreTrainedModel._initialize_weights
+
+    def seeded(self, module, *args, **kwargs):
+        set_seed(0)
+        return original(self, module, *args, **kwargs)
+
+    try:
+        PreTrainedModel._initialize_weights = seeded
+        from_config = GapQwen2_5VLForConditionalGeneration(copy.deepcopy(config))
+        from_nothing = GapQwen2_5VLForConditionalGeneration.from_pretrained(None, config=config, state_dict={})
+    finally:
+        PreTrainedModel._initialize_weights = original
+    assert not [name for name, p in from_nothing.named_parameters() if p.device.type == "meta"]
+    ours, theirs = from_config.state_dict(), from_nothing.state_dict()
+    assert list(ours) == list(theirs)
+    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+    # With one plain `torch.manual_seed` before each (no per-module seeding), the latent head still agrees.
+    torch.manual_seed(3)
+    plain = GapQwen2_5VLForConditionalGeneration(copy.deepcopy(config)).latent_head.state_dict()
+    torch.manual_seed(3)
+    meta = GapQwen2_5VLForConditionalGeneration.from_pretrained(None, config=config, state_dict={})
+    assert all(torch.equal(plain[k], v) for k, v in meta.latent_head.state_dict().items())
+    torch.manual_seed(4)
+    other = GapQwen2_5VLForConditionalGeneration(copy.deepcopy(config)).latent_head.proj.weight
+    assert not torch.equal(other, plain["proj.weight"])  # the seed still matters
+
+
 def test_loading_a_stock_checkpoint_into_the_gap_class_says_what_to_do(tmp_path):
     stock, tokenizer, _ = build_tiny_qwen2_5_vl(seed=SEED)
     stock.save_pretrained(tmp_path)

@@ -1,8 +1,8 @@
 """The offline GAP demo and its study: the named-shape task, every variant trained with `GapSFTTrainer`, evaluated
 closed loop, teacher-forced and under each latent intervention, with 95 % intervals across test rows and seeds.
 
-    python recipes/demo.py           # `make demo`: a small slice (seed 0, budgets 200 and 400 steps, text SFT and
-                                     # pca, 100 test rows)
+    python recipes/demo.py           # `make demo`: a small slice (seed 0, budgets 200 and 400 steps, text SFT,
+                                     # ema_norm and pca, 100 test rows)
     python recipes/demo.py --study   # the study: every variant, seeds 0, 1, 2, budgets 100, 200, 400, 800 steps
 
 The task (`trainers.synthetic.make_shape_rows`): an 84x84 board of 3x3 cells holds four shapes (circle, square,
@@ -31,11 +31,14 @@ batch and optimizer):
 Each budget is a checkpoint along one run per variant and seed (warm-up, then a constant learning rate, so a
 checkpoint is what a run of that length gives, less any decay). At each: closed-loop accuracy, teacher-forced
 accuracy (gold intent and the aux image's true targets in the prompt), accuracy under each intervention (zero,
-noise, shuffle, mean, drop), the latent / visual-embedding norm ratio of the fed latents, and the generated intent.
+noise, shuffle, mean, drop), the latent / visual-embedding norm ratio of the fed latents, and the generated intent;
+at the last budget, a linear probe (`trainers.latent_probe`) of the crop's colour (the answer) and shape from each
+fed latent and from the teacher-forced targets, with shuffled labels for reference.
 Intervals: 95 % percentile bootstrap, seeds resampled and then test rows within each (paired for differences).
 Writes `results.md`, `results.json` (strict JSON), `accuracy.png`; the demo slice also saves the pca checkpoint
-(`pca-checkpoint/`, seed 0 at the last budget), the test split (`test-data/`), `norms.png` and `lens_*.png`, and
-prints the `gap probe` and `gap latent-lens` commands that run on them. `--threads` (default 1) sets
+(`pca-checkpoint/`, seed 0 at the last budget), the test split (`test-data/`), the norm diagnosis where the latents
+are fed (`norms.png`, `norms.json`: `trainers.diagnostics.diagnose`) and `lens_*.png`, and prints the `gap probe`,
+`gap probe-latents`, `gap diagnose-norms` and `gap latent-lens` commands that run on them. `--threads` (default 1) sets
 torch's thread count: the same seeds and flags give the same numbers.
 """
 
@@ -64,7 +67,7 @@ VARIANTS = {
 }
 TASK = dict(image_size=84, grid=3, num_shapes=4, num_colors=4, aux_size=56)
 CONTROL = "pca, zero latents (control)"
-DEMO_SLICE = dict(seeds=[0], budgets=[200, 400], variants=["text SFT", "pca"], test_rows=100)
+DEMO_SLICE = dict(seeds=[0], budgets=[200, 400], variants=["text SFT", "ema_norm", "pca"], test_rows=100)
 STUDY = dict(seeds=[0, 1, 2], budgets=[100, 200, 400, 800], variants=list(VARIANTS), test_rows=200)
 
 
@@ -138,12 +141,17 @@ def to_dataset(rows: list[dict]):
 
 
 def save_test_split(rows: list[dict], path: str) -> str:
-    """The test rows as a `save_to_disk` folder in GAP's schema (for `gap probe` / `gap latent-lens`)."""
+    """The test rows as a `save_to_disk` folder in GAP's schema, with the `shape` column (for `gap probe`,
+    `gap probe-latents`, `gap diagnose-norms` (its teacher-forced part reads `messages` and `aux_images`) and
+    `gap latent-lens`)."""
     import datasets
 
     features = datasets.Features({
         "images": datasets.List(datasets.Image()), "question": datasets.Value("string"),
         "answer": datasets.Value("string"), "aux_images": datasets.List(datasets.Image()),
+        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.List(
+            {"type": datasets.Value("string"), "text": datasets.Value("string")})}),
+        "shape": datasets.Value("string"),
     })
     datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features).save_to_disk(path)
     return path
@@ -168,6 +176,7 @@ def generate_records(model, processor, rows, args, oracle=False, teacher_forced=
     processor.tokenizer.padding_side = "left"
     start_id = model.config.latent_start_token_id
     records, latent_norm, latent_count, visual_norm, visual_count = [], 0.0, 0, 0.0, 0
+    first_spans = []  # per row: the (K, d) latents fed at its first span, or None (for the decodability probe)
     for begin in range(0, len(rows), args.eval_batch_size):
         chunk = rows[begin : begin + args.eval_batch_size]
         evals = [_eval_row(r, oracle) for r in chunk]
@@ -189,6 +198,8 @@ def generate_records(model, processor, rows, args, oracle=False, teacher_forced=
             intent = text.split("Answer")[0].strip()
             records.append(dict(generated=text, correct=extract_answer(text, "text") == reference_answer(e),
                                 span=start_id in tokens, intent=intent, intent_right=intent == intent_of(row)))
+        first_spans += [latents[0].float() if latents is not None and len(latents) else None
+                        for latents in (out.latents or [None] * len(chunk))]
         for latents in out.latents or []:
             if latents is not None and latents.numel():
                 norms = latents.float().norm(dim=-1).flatten()
@@ -198,11 +209,12 @@ def generate_records(model, processor, rows, args, oracle=False, teacher_forced=
             norms = torch.cat(list(visual)).float().norm(dim=-1)
             visual_norm, visual_count = visual_norm + norms.sum().item(), visual_count + norms.numel()
     return records, dict(latent_norm=latent_norm, latent_count=latent_count, visual_norm=visual_norm,
-                         visual_count=visual_count)
+                         visual_count=visual_count, first_spans=first_spans)
 
 
-def evaluate_checkpoint(model, processor, test, kind: str, args, seed: int, log) -> dict:
-    """Everything measured at one checkpoint of one variant: per-row correctness of every condition."""
+def evaluate_checkpoint(model, processor, test, kind: str, args, seed: int, log, probe: bool = False) -> dict:
+    """Everything measured at one checkpoint of one variant: per-row correctness of every condition; with `probe`
+    (latent variants), the linear probe of the crop's colour and shape from the fed latents and from the targets."""
     was_training = model.training
     model.eval()
     rng_state = torch.get_rng_state()  # evaluation must not move the training run's random stream
@@ -216,7 +228,11 @@ def evaluate_checkpoint(model, processor, test, kind: str, args, seed: int, log)
             return result
         log("closed loop")
         records, norms = generate_records(model, processor, test, args)
+        first_spans = norms.pop("first_spans")
         result["closed_loop"], result["norms"] = records, norms
+        if probe:
+            log("linear probe of the latents")
+            result["latent_probe"] = probe_checkpoint(model, processor, test, first_spans, seed)
         log("teacher-forced")
         result["teacher_forced"], _ = generate_records(model, processor, test, args, teacher_forced=True)
         for intervention in INTERVENTIONS:
@@ -227,6 +243,21 @@ def evaluate_checkpoint(model, processor, test, kind: str, args, seed: int, log)
     finally:
         torch.set_rng_state(rng_state)
         model.train(was_training)
+
+
+PROBE_LABELS = {"colour": "answer", "shape": "shape"}  # what the probe decodes: the crop's colour and shape
+PROBE_MIN_ROWS = 20  # fewer test rows with a span: the held-out intervals would be too wide to say anything
+
+
+def probe_checkpoint(model, processor, test, first_spans, seed: int) -> dict:
+    """`trainers.latent_probe.probe_sources` on the closed-loop latents (`first_spans`) and on the teacher-forced
+    targets of the test rows: label -> source -> probe result (per-row held-out correctness kept for pooling)."""
+    from trainers.latent_probe import probe_sources, target_latents
+
+    sources = {"closed loop": first_spans,
+               "targets": list(target_latents(model, processor, [r["aux_images"][0] for r in test]))}
+    labels = {name: [r[column] for r in test] for name, column in PROBE_LABELS.items()}
+    return probe_sources(sources, labels, seed=seed, min_rows=PROBE_MIN_ROWS)
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
@@ -276,7 +307,7 @@ def train_variant(name: str, rows: list[dict], train_images: list, test: list[di
         output_dir=workdir, max_steps=steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps,
         weight_decay=0.0, logging_steps=args.logging_steps, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, gradient_checkpointing=False, seed=seed, data_seed=seed, capacity_guided=True,
+        bf16=False, activation_checkpointing=False, seed=seed, data_seed=seed, capacity_guided=True,
         validate_dataset=False, dataloader_num_workers=0, disable_tqdm=True,
     )
     evaluations, last_logs = {}, {}
@@ -292,7 +323,7 @@ def train_variant(name: str, rows: list[dict], train_images: list, test: list[di
             if state.global_step in budgets:
                 evaluations[state.global_step] = evaluate_checkpoint(
                     model, processor, test, kind, args, seed,
-                    lambda what: log(f"step {state.global_step}: evaluating {what}"))
+                    lambda what: log(f"step {state.global_step}: evaluating {what}"), probe=state.global_step == steps)
 
     trainer_class = _control_trainer(latent_fill, seed) if latent_fill else GapSFTTrainer
     trainer = trainer_class(model, config, train_dataset=to_dataset(data), processing_class=processor,
@@ -368,7 +399,8 @@ def summarize(runs: dict, seeds, budgets, bootstrap: Bootstrap) -> list[dict]:
             # per test row and seed, 1 = right, for any later paired comparison
             entry["per_row"] = {condition: ["".join(str(int(r["correct"])) for r in evaluations[s][budget][condition])
                                             for s in seeds]
-                                for condition in evaluations[seeds[0]][budget] if condition != "norms"}
+                                for condition in evaluations[seeds[0]][budget]
+                                if condition not in ("norms", "latent_probe")}
             if "teacher_forced" in evaluations[seeds[0]][budget]:
                 tf = np.array(_correct_array(evaluations, seeds, budget, "teacher_forced"))
                 mean, low, high = bootstrap.interval(tf)
@@ -386,10 +418,37 @@ def summarize(runs: dict, seeds, budgets, bootstrap: Bootstrap) -> list[dict]:
                 visual = sum(n["visual_norm"] for n in norms) / max(sum(n["visual_count"] for n in norms), 1)
                 entry["norm_ratio"] = (sum(n["latent_norm"] for n in norms) / latent_count / visual
                                        if latent_count and visual > 0 else None)
+            if "latent_probe" in evaluations[seeds[0]][budget]:
+                entry["latent_probe"] = pool_probes([evaluations[s][budget]["latent_probe"] for s in seeds])
             entry["final_training"] = {k: [run["metrics"][s].get(k) for s in seeds]
                                        for k in ("ce_loss", "latent_loss") if any(k in run["metrics"][s] for s in seeds)}
             summary.append(entry)
     return summary
+
+
+def pool_probes(reports: list[dict]) -> dict:
+    """The probe results of several seeds pooled: held-out correct rows summed over seeds, one 95 % Wilson interval
+    (rows treated as independent), chance weighted by rows. label -> source -> result."""
+    from trainers.latent_probe import accuracy_interval
+
+    pooled = {}
+    for label in reports[0]:
+        pooled[label] = {}
+        for source in reports[0][label]:
+            results = [r[label][source] for r in reports]
+            rows, without = sum(r["rows"] for r in results), sum(r["rows_without_span"] for r in results)
+            if any("latents" not in r for r in results):
+                pooled[label][source] = dict(rows=rows, rows_without_span=without,
+                                             note=f"fewer than {PROBE_MIN_ROWS} rows with a span in some "
+                                                  "seed: not probed")
+                continue
+            entry = dict(rows=rows, rows_without_span=without,
+                         chance=sum(r["chance"] * r["rows"] for r in results) / rows, latents={}, shuffled={})
+            for name in results[0]["latents"]:
+                entry["latents"][name] = accuracy_interval(sum(r["latents"][name]["correct"] for r in results), rows)
+                entry["shuffled"][name] = accuracy_interval(sum(r["shuffled"][name]["correct"] for r in results), rows)
+            pooled[label][source] = entry
+    return pooled
 
 
 # ---- writing -------------------------------------------------------------------------------------------------------
@@ -450,6 +509,7 @@ def to_markdown(summary, header: dict, intents: list[dict]) -> str:
         for name in dict.fromkeys(e["variant"] for e in against_pca):
             lines.append(f"| {name} | " + " | ".join(_delta(e["vs_pca"]) for e in against_pca if e["variant"] == name)
                          + " |")
+    lines += probe_table(summary)
     if intents:
         lines += ["", f"What the models generated (seed {intents[0]['seed']}, {intents[0]['steps']} steps, first test "
                   "rows; the span's latents are not text):", "", "| variant | question | gold intent | generated |",
@@ -457,6 +517,36 @@ def to_markdown(summary, header: dict, intents: list[dict]) -> str:
         for item in intents:
             lines.append(f"| {item['variant']} | {item['question']} | {item['gold']} | {item['generated']} |")
     return "\n".join(lines) + "\n"
+
+
+def probe_table(summary) -> list[str]:
+    """Markdown lines: the linear probe of each latent variant at its probed budget (colour per latent and for the
+    whole span, shape for the whole span; shuffled labels; chance)."""
+    probed = [e for e in summary if "latent_probe" in e]
+    if not probed:
+        return []
+    names = next((list(r["latents"]) for e in probed for r in e["latent_probe"]["colour"].values() if "latents" in r),
+                 [])
+    lines = ["", "What a linear probe reads from the latents (held-out accuracy, 95 % interval; logistic regression, "
+             "5-fold over the test rows that opened a span, seeds pooled): `closed loop` is what the model fed, "
+             "`targets` what teacher forcing feeds (the crop's embeddings), the same for every variant of a seed. "
+             "Colour is the answer; the shape is named in the question and the intent text:", "",
+             "| variant | steps | latents of | rows (no span) | " + " | ".join(
+                 f"colour: latent {n}" if n != "span" else "colour: whole span" for n in names)
+             + " | colour, shuffled labels | colour chance | shape: whole span | shape, shuffled labels |",
+             "|---|---|---|---|" + "---|" * (len(names) + 4)]
+    for e in probed:
+        for source, colour in e["latent_probe"]["colour"].items():
+            shape = e["latent_probe"]["shape"][source]
+            head = f"| {e['variant']} | {e['steps']} | {source} | {colour['rows']} ({colour['rows_without_span']}) | "
+            if "latents" not in colour or "latents" not in shape:
+                lines.append(head + f"{colour.get('note') or shape.get('note')} |")
+                continue
+            cells = [_ci(colour["latents"][n]) for n in names] + [
+                _ci(colour["shuffled"]["span"]), f"{colour['chance']:.2f}", _ci(shape["latents"]["span"]),
+                _ci(shape["shuffled"]["span"])]
+            lines.append(head + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(summary, path: str, chance: float, title: str) -> None:
@@ -491,13 +581,19 @@ def plot(summary, path: str, chance: float, title: str) -> None:
 
 
 # ---- the norm diagnosis and latent lens (trainers.diagnostics) ----------------------------------------------------
-def diagnose_and_draw(model, processor, rows, output_dir):
-    """The norm diagnosis on the test images (norms.png) and the latent lens on three rows (lens_*.png)."""
+def diagnose_and_draw(model, processor, rows, args):
+    """The norm diagnosis on the test rows (norms.png, norms.json: closed loop per feedback mode and teacher-forced,
+    where the latents are fed) and the latent lens on three rows (lens_*.png)."""
     from trainers.diagnostics import diagnose, draw_lens, latent_similarity_maps, plot_norms
     from trainers.evaluation import reference_answer
+    from trainers.outputs import write_json
 
-    diagnosis = diagnose(model, processor, [_eval_row(r) for r in rows[:32]])
-    plot_norms(diagnosis, os.path.join(output_dir, "norms.png"), title="tiny GAP (pca variant)")
+    output_dir = args.output_dir
+    diagnosis = diagnose(model, processor, [_eval_row(r) for r in rows], batch_size=args.eval_batch_size,
+                         dataset_rows=rows, max_new_tokens=args.max_new_tokens)
+    write_json(os.path.join(output_dir, "norms.json"), diagnosis)
+    plot_norms(diagnosis, os.path.join(output_dir, "norms.png"),
+               title=f"tiny GAP, pca variant, {len(rows)} test rows (demo)")
     for i, row in enumerate([_eval_row(r) for r in rows[:3]]):
         maps, text = latent_similarity_maps(model, processor, row, max_new_tokens=60)
         draw_lens(row.images[0].convert("RGB"), maps, os.path.join(output_dir, f"lens_{i}.png"),
@@ -594,12 +690,12 @@ def main(argv=None):
             print(f"[{time.perf_counter() - start:6.0f} s] seeds {done} done: partial results written", flush=True)
     result = write_results(runs, args, args.seeds, keep, command, time.perf_counter() - start)
     print("\n" + result["markdown"])
-    print(f"written to {args.output_dir}: results.md, results.json, accuracy.png"
-          + (", pca-checkpoint/, test-data/, norms.png, lens_*.png" if keep.get("commands") else ""))
+    print(f"written to {args.output_dir}: results.md, results.json, accuracy.png, latent_probe.png"
+          + (", pca-checkpoint/, test-data/, norms.png, norms.json, lens_*.png" if keep.get("commands") else ""))
     if not args.study:
         print(f"This was {scope}; it took {result['seconds']:.0f} s.")
     if keep.get("commands"):
-        print("Probe and latent-lens commands for the saved pca checkpoint:")
+        print("Probe, latent-probe, norm-diagnosis and latent-lens commands for the saved pca checkpoint:")
     for line in keep.get("commands", []):
         print("  " + line)
     return result
@@ -612,10 +708,14 @@ def save_pca_and_diagnose(keep: dict, args) -> None:
     model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
     data = save_test_split(keep["test"], os.path.join(args.output_dir, "test-data"))
-    keep["diagnosis"] = diagnose_and_draw(model, processor, keep["test"], args.output_dir)
+    keep["diagnosis"] = diagnose_and_draw(model, processor, keep["test"], args)
     keep["commands"] = [
         f"gap probe --model_name_or_path {checkpoint} --dataset_name {data} "
         f"--max_new_tokens {args.max_new_tokens} --output_dir {os.path.join(args.output_dir, 'probe')}",
+        f"gap probe-latents --model_name_or_path {checkpoint} --dataset_name {data} --label_columns answer shape "
+        f"--max_new_tokens {args.max_new_tokens} --output_dir {os.path.join(args.output_dir, 'latent-probe')}",
+        f"gap diagnose-norms --model_name_or_path {checkpoint} --dataset_name {data} "
+        f"--max_new_tokens {args.max_new_tokens} --output_dir {os.path.join(args.output_dir, 'norms')}",
         f"gap latent-lens --model_name_or_path {checkpoint} --dataset_name {data} --limit 4 "
         f"--output_dir {os.path.join(args.output_dir, 'lens')}",
     ]
@@ -637,10 +737,10 @@ def write_results(runs: dict, args, seeds: list[int], keep: dict, command: str, 
     markdown = to_markdown(summary, dict(description=description), keep.get("intents", []))
     diagnosis = keep.get("diagnosis")
     if diagnosis:
-        markdown += (f"\nNorm diagnosis (pca, seed {args.seeds[0]}, {max(args.budgets)} steps, test images): final "
-                     f"text states {diagnosis['final_text_ratio']:.1f}x their input embeddings, image states "
-                     f"{diagnosis['final_image_ratio']:.1f}x; fed back / visual embedding norm: "
-                     + ", ".join(f"{k} {v:.2f}" for k, v in diagnosis["feedback_ratio"].items()) + "\n")
+        from trainers.diagnostics import norms_summary_line
+
+        markdown += (f"\nNorm diagnosis (pca, seed {args.seeds[0]}, {max(args.budgets)} steps, the test rows; "
+                     f"norms.png): {norms_summary_line(diagnosis)}.\n")
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(markdown)
     result = dict(chance=chance, task=TASK, arguments=dict(vars(args)), command=command, seconds=seconds,
@@ -649,6 +749,14 @@ def write_results(runs: dict, args, seeds: list[int], keep: dict, command: str, 
         f.write(json.dumps(_clean(result), indent=1, allow_nan=False))
     plot(summary, os.path.join(args.output_dir, "accuracy.png"), chance,
          f"named-shape task, seeds {seeds}, {args.test_rows} test rows per seed")
+    probed = [e for e in summary if "latent_probe" in e]
+    if probed:
+        from trainers.latent_probe import plot_probe
+
+        report = {label: {f"{e['variant']} ({e['steps']} steps)": e["latent_probe"][label]["closed loop"]
+                          for e in probed} for label in PROBE_LABELS}
+        plot_probe(report, os.path.join(args.output_dir, "latent_probe.png"),
+                   title=f"linear probe of the fed latents (closed loop), seeds {seeds}")
     return dict(result, markdown=markdown)
 
 
