@@ -6,6 +6,7 @@ conversion of a stock Qwen2.5-VL checkpoint.
 """
 
 import contextlib
+import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -703,8 +704,8 @@ def gathered_parameters(params: Iterable[nn.Parameter], modifier_rank: int | Non
     params = [p for p in params if hasattr(p, "ds_id")]
     if not params:
         return contextlib.nullcontext()
-    import deepspeed
-
+    # Not an import statement: transformers reads the remote code's imports and would require DeepSpeed of every user.
+    deepspeed = importlib.import_module("deepspeed")
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 

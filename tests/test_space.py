@@ -160,8 +160,12 @@ def test_the_inspector_heatmaps_equal_gap_latent_lens_and_its_norm_gap_diagnose_
     assert len(figures) == inspection.latent_norms.numel() and figures[0][0].size[0] > 150
 
 
-def test_a_bad_upload_or_setting_is_one_clear_message(tmp_path):
-    from PIL import Image
+@pytest.mark.parametrize("truncated_allowed_elsewhere", [False, True])
+def test_a_bad_upload_or_setting_is_one_clear_message(tmp_path, monkeypatch, truncated_allowed_elsewhere):
+    from PIL import Image, ImageFile
+
+    # lmms-eval (installed beside the package) sets PIL's global flag at import: the app must not depend on it.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", truncated_allowed_elsewhere)
 
     from trainers.space import InspectorConfig, UploadError, open_upload
 

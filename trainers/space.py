@@ -75,9 +75,12 @@ class InspectorConfig:
 def open_upload(path: str, max_pixels: int, name: str | None = None):
     """The uploaded file as an RGB image; `UploadError` (one line: what is wrong, what to do) if it is not an image
     PIL can decode or has more than `max_pixels` pixels (checked from its header, before decoding)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageFile, UnidentifiedImageError
 
     name = name or os.path.basename(path)
+    # Some libraries (lmms-eval among them) set PIL's global LOAD_TRUNCATED_IMAGES at import, which would decode a
+    # truncated upload into grey pixels: decode strictly here whatever was imported beside the app.
+    load_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -97,6 +100,8 @@ def open_upload(path: str, max_pixels: int, name: str | None = None):
     except (OSError, SyntaxError) as error:
         raise UploadError(f"'{name}' could not be decoded ({error}): it is truncated or corrupt; upload another "
                           "file.") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = load_truncated
 
 
 # ---- the inspector ---------------------------------------------------------------------------------------------------

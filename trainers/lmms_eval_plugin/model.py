@@ -10,6 +10,7 @@ its own models; on CPU `torchrun --nproc_per_node N -m lmms_eval ...`, since acc
 process on a machine without GPUs); `device_map=auto` instead splits one copy over the GPUs of a single process.
 """
 
+import atexit
 import os
 import types
 import typing
@@ -31,6 +32,16 @@ DEFAULT_MAX_NEW_TOKENS = 128  # when neither the task nor `max_new_tokens` sets 
 
 
 @dataclass
+def _leave_process_group():
+    """At exit, every rank waits for the others before the process group goes: a rank whose peer has already torn the
+    group down while it is still in a collective is aborted by gloo (a SIGABRT after the results were written)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class GapLmmsConfig:
     """The `--model_args` of the lmms-eval model `gap` (`key=value,...`; `none` for None)."""
 
@@ -135,6 +146,7 @@ class GapLmms(lmms):
             self._device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
             self._rank = int(os.environ.get("RANK", accelerator.process_index))
             self._world_size = world_size
+            atexit.register(_leave_process_group)
         else:
             self._device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         gap_options = {"preset": config.preset, "num_latent_tokens": config.num_latent_tokens}
