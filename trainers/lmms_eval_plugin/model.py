@@ -32,16 +32,6 @@ DEFAULT_MAX_NEW_TOKENS = 128  # when neither the task nor `max_new_tokens` sets 
 
 
 @dataclass
-def _leave_process_group():
-    """At exit, every rank waits for the others before the process group goes: a rank whose peer has already torn the
-    group down while it is still in a collective is aborted by gloo (a SIGABRT after the results were written)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 class GapLmmsConfig:
     """The `--model_args` of the lmms-eval model `gap` (`key=value,...`; `none` for None)."""
 
@@ -119,6 +109,16 @@ def _convert(name: str, annotation, value):
 
 def _is_optional(annotation) -> bool:
     return isinstance(annotation, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
+def _leave_process_group():
+    """At exit, every rank waits for the others before the process group goes: a rank whose peer has already torn the
+    group down while it is still in a collective is aborted by gloo (a SIGABRT after the results were written)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class GapLmms(lmms):
