@@ -33,7 +33,7 @@ COMMON = [
 # `gap sft` with a callback that writes, per rank: the logged metrics, how many latent rows the head mapped at each
 # forward (0 when the rank's batch had no span), and the trained model's logits and head outputs on a fixed input.
 RANK_SCRIPT = """
-import json, os
+import json, os, sys
 import torch
 from transformers import TrainerCallback
 
@@ -69,7 +69,12 @@ class RankRecord(TrainerCallback):
 
 train(*parse_stage("sft", None), callbacks=[RankRecord()])
 if torch.distributed.is_initialized():
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+# Everything is written: skip the interpreter's teardown, where a finished 2-process CPU run has now and then died
+# with "terminate called without an active exception" (a C++ thread of the communication stack, under load).
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(0)
 """
 
 
@@ -238,6 +243,8 @@ if rank == 0:
                    head_grads=[n for n in grads if "latent_head" in n]), open(os.environ["OUT"], "w"))
 dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(0)  # see RANK_SCRIPT
 """
 
 
