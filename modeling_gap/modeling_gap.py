@@ -931,21 +931,14 @@ def from_qwen2_5_vl(base_model_or_path, processor=None, preset: str | None = Non
     if path is not None:
         # The stock checkpoint's weights have the GAP model's names (the GAP class adds only the latent head), so
         # transformers loads them itself: under ZeRO-3 straight into partitioned weights, the head initialised.
-        random_state = torch.random.get_rng_state()
+        # `from_pretrained` initialises the missing head with `GapLatentHead.init_weights`, whose own generator gives
+        # the same head with and without ZeRO-3 (there on rank 0 only) for the same seed.
         with _expected_missing_keys(GapQwen2_5VLForConditionalGeneration, [r"^latent_head\."]):
             model = GapQwen2_5VLForConditionalGeneration.from_pretrained(
                 path, config=config, dtype=dtype, key_mapping=STOCK_KEY_MAPPING, **load_options
             )
         # Saved, it is a GAP checkpoint with the GAP model's own names: the stock renaming is not reverted on save.
         model._weight_conversions = []
-        # The fresh head is initialised from the random state the conversion started in: `from_pretrained` draws it
-        # in another order with and without ZeRO-3 (there on rank 0 only), and a run must not depend on the launch.
-        head = model.latent_head
-        with torch.random.fork_rng(devices=[]), gathered_parameters(head.parameters(), modifier_rank=0):
-            torch.random.set_rng_state(random_state)
-            for tensor in (*head.parameters(), *head.buffers()):
-                tensor._is_hf_initialized = False
-            head.init_weights()
         if len(processor.tokenizer) > config.text_config.vocab_size:
             model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
         return model, processor
