@@ -50,11 +50,8 @@ QUESTIONS = ["Describe the picture.", "What is two plus two?", "Name a colour.",
 
 # ---- main environment: checkpoints and GAP generate ------------------------------------------------------------
 def build_checkpoints(root: Path) -> dict:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     sys.path.insert(0, str(REPO / "gap_vllm" / "tests"))
-    from make_fixtures import build_tiny_gap, chat
+    from make_fixtures import build_tiny_gap, chat, save_stock_text_model
 
     paths = {}
     for name, size in SIZES.items():
@@ -62,18 +59,7 @@ def build_checkpoints(root: Path) -> dict:
         gap_dir, stock_dir = root / f"{name}-gap", root / f"{name}-stock-text"
         model.save_pretrained(gap_dir)
         processor.save_pretrained(gap_dir)
-        text = model.config.text_config.to_dict()
-        for key in ("model_type", "architectures", "auto_map", "transformers_version", "rope_parameters"):
-            text.pop(key, None)
-        config = Qwen2Config(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                             tie_word_embeddings=False)
-        with torch.device("meta"):
-            stock = Qwen2ForCausalLM(config)
-        state = {k.replace("model.language_model.", "model."): v for k, v in model.state_dict().items()
-                 if k.startswith("model.language_model.") or k.startswith("lm_head.")}
-        stock.load_state_dict(state, assign=True, strict=True)
-        stock.save_pretrained(stock_dir)
-        processor.tokenizer.save_pretrained(stock_dir)
+        save_stock_text_model(model, processor, stock_dir)
         prompts = [chat(processor, q) for q in QUESTIONS]
         paths[name] = dict(gap=str(gap_dir), stock=str(stock_dir), prompts=prompts,
                            start_id=model.config.latent_start_token_id, pad_id=model.config.latent_pad_token_id)

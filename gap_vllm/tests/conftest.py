@@ -33,6 +33,7 @@ def fixtures(tmp_path_factory):
     refs["dir"] = str(out)
     refs["checkpoint"] = str(out / "checkpoint")
     refs["image"] = str(out / "image.png")
+    refs["stock_text"] = str(out / "stock-text")  # a model that is not a GAP checkpoint
     return refs
 
 
@@ -58,8 +59,9 @@ def run(llm, prompts, n, **extra):
     return [list(o.outputs[0].token_ids) for o in outputs], outputs
 
 
-def span_processor():
-    from gap_vllm.spans import _PROCESSORS
+def serving_state():
+    """The in-process engine's GAP serving state (`gap_vllm.spans.GapServing`)."""
+    from gap_vllm.spans import _SERVING
 
-    assert len(_PROCESSORS) == 1, "expected one in-process engine"
-    return next(iter(_PROCESSORS.values()))
+    assert len(_SERVING) == 1, "expected one in-process engine"
+    return next(iter(_SERVING.values()))

@@ -49,6 +49,25 @@ def build_tiny_gap(seed=0, hidden_size=128, num_layers=2, head_dim=64, **gap_opt
     return from_qwen2_5_vl(model, processor, **gap_options)
 
 
+def save_stock_text_model(model, processor, out_dir):
+    """The GAP model's decoder as a stock text-only Qwen2 checkpoint (a model vLLM serves natively, no GAP): the
+    non-GAP control of the serving tests and benchmark. Returns the Qwen2 model."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    text = model.config.text_config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "rope_parameters", "dtype"):
+        text.pop(key, None)
+    config = Qwen2Config(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                         tie_word_embeddings=False)
+    stock = Qwen2ForCausalLM(config)
+    state = {k.replace("model.language_model.", "model."): v for k, v in model.state_dict().items()
+             if k.startswith("model.language_model.") or k.startswith("lm_head.")}
+    stock.load_state_dict(state, strict=True)
+    stock.save_pretrained(out_dir)
+    processor.tokenizer.save_pretrained(out_dir)
+    return stock.float().eval()
+
+
 def chat(processor, text, image=False):
     content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
     return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
@@ -171,6 +190,14 @@ def main(out_dir):
             break
     else:
         raise SystemExit("no <|latent_pad|> bias gives slot tokens outside spans; change the seed")
+    # A model that is not a GAP checkpoint, served with the plugin installed: its greedy tokens under transformers.
+    stock = save_stock_text_model(model, processor, os.path.join(out_dir, "stock-text"))
+    cases["stock_text"] = []
+    for prompt in prompts:
+        ids = processor.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = stock.generate(input_ids=ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        cases["stock_text"].append(out[0, ids.shape[1]:].tolist())
     model.config.latent_span_rule, model.config.latent_max_tokens = "sampled_end", 6
     cases["sampled_end"] = generate(model, processor, prompts)
     model.config.latent_span_rule, model.config.latent_max_tokens = "fixed", None

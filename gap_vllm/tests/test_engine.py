@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from conftest import run, span_processor
+from conftest import run, serving_state
 
 
 def test_registered_without_prefix_caching(llm, fixtures):
@@ -89,8 +89,8 @@ def test_prompt_with_latent_slots_is_ended(llm, fixtures):
 def test_preemption_replays_latents(llm, fixtures):
     """24 requests need about twice the KV cache: vLLM preempts and recomputes some; their latent slots are fed
     the recorded latents again, so every output still equals GAP generate's."""
-    processor = span_processor()
-    before = processor.resumed
+    serving = serving_state()
+    before = serving.resumed
     prompts, refs, extras = [], [], []
     from vllm import SamplingParams
 
@@ -105,7 +105,7 @@ def test_preemption_replays_latents(llm, fixtures):
     params = [SamplingParams(temperature=0, max_tokens=fixtures["max_new_tokens"], extra_args=e) for e in extras]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     got = [list(o.outputs[0].token_ids) for o in outputs]
-    assert processor.resumed > before, "the KV cache was large enough: no request was preempted"
+    assert serving.resumed > before, "the KV cache was large enough: no request was preempted"
     assert got == refs
 
 

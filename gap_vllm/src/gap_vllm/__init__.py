@@ -27,6 +27,12 @@ def register() -> None:
     AutoConfig.register(MODEL_TYPE, GapQwen2_5VLConfig, exist_ok=True)
     # The Transformers backend builds the decoder with `AutoModel.from_config`: GAP's backbone is Qwen2.5-VL's.
     AutoModel.register(GapQwen2_5VLConfig, GapBackbone, exist_ok=True)
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from .serving_config import GapServingConfig
+
+    # vLLM's per-architecture config hook (as for its own models): no full CUDA graphs over the GAP feed.
+    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, GapServingConfig)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "gap_vllm.model:GapQwen2_5VLForConditionalGeneration")
 

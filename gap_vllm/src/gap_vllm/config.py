@@ -16,7 +16,10 @@ MODEL_TYPE = GapQwen2_5VLConfig.model_type
 ARCHITECTURE = GapQwen2_5VLForConditionalGeneration.__name__
 FEEDBACK_MODES = LATENT_FEEDBACK_MODES
 SPAN_RULES = LATENT_SPAN_RULES
-INTERVENTIONS = (None, "zero", "drop")  # the interventions serving supports (GAP generate has more)
+INTERVENTIONS = (None, "zero", "drop")
+# Spans' worth of latents the store keeps per request unless the config sets `serving_latents_per_request`
+# (e.g. `--hf-overrides '{"serving_latents_per_request": 256}'`).
+DEFAULT_SPANS_PER_REQUEST = 16  # the interventions serving supports (GAP generate has more)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,12 @@ class GapSpec:
     max_latents: int  # K for "fixed"; latent_max_tokens (default K) for "sampled_end"
     span_rule: str
     feedback: str
+    # Latents a request keeps for replay (its latent store row); a span opens only while a whole one still fits.
+    latent_capacity: int = 0
+
+    def __post_init__(self):
+        if self.latent_capacity <= 0:
+            object.__setattr__(self, "latent_capacity", DEFAULT_SPANS_PER_REQUEST * self.max_latents)
 
     @classmethod
     def from_hf_config(cls, config) -> "GapSpec":
@@ -46,6 +55,7 @@ class GapSpec:
             pad_id=int(pad_id), start_id=int(start_id), end_id=int(end_id),
             num_latent_tokens=int(config.num_latent_tokens), max_latents=int(config.max_latents_per_span),
             span_rule=config.latent_span_rule, feedback=config.latent_feedback,
+            latent_capacity=int(getattr(config, "serving_latents_per_request", 0) or 0),
         )
 
 

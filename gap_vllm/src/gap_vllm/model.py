@@ -4,19 +4,20 @@ It is vLLM's Transformers modeling backend (`TransformersMultiModalForCausalLM`:
 vLLM's paged attention, linear layers and LM head) plus the latent feedback. vLLM's own Qwen2.5-VL module cannot be
 used without torchvision (it imports transformers' torchvision image processor at import time).
 
-One forward of vLLM's V1 runner holds many requests, flattened. For every request the worker's
-`GapLatentSpanProcessor` (same process, rows in batch order) keeps a `RequestState`; the forward context's
-attention metadata gives each row's tokens (`query_start_loc`) and sequence length (`seq_lens`). Then:
+The latent state lives on the device in a `LatentStore` allocated at load (`latent_store.py`: history, pending
+vector and span state per request slot); the model only adapts vLLM's hooks to it:
 
-- after the language model ran, each row whose next element is a latent slot (its span state says so) gets
-  `latent_head(final hidden state of its last token)` (after the request's intervention) recorded as the vector of
-  sequence index `seq_len`;
-- before it runs, every `<|latent_pad|>` token at sequence index j takes the vector recorded for j in place of its
-  token embedding (the runner passes the raw ids because `requires_raw_input_tokens = True`); a `<|latent_pad|>`
-  the model sampled outside a span keeps its token embedding, as in GAP generate.
+- **feed** (before the decoder; V1: in `forward`, from the forward context's `query_start_loc` / `seq_lens` and the
+  row -> slot map the span processor keeps; V2: in `GapModelState.prepare_inputs_embeds`, from the input batch's
+  `idx_mapping`): the new tokens are folded into the span state, then every `<|latent_pad|>` slot takes the vector
+  recorded for its sequence position (the history, else the pending vector);
+- **record** (in `compute_logits`, armed once per step, on the rows the sampler uses): the head's latent (the
+  request's feedback mode and intervention, chosen per row by tensor ops) becomes the slot's pending vector for the
+  next position.
 
-Recording by sequence index makes the vectors survive preemption: a recomputed request replays exactly what it was
-fed (chunked prefill included). Nothing of vLLM is patched; the model only reads the forward context.
+Both are fixed-shape tensor ops (no host read). Until the core has been shown exact under CUDA-graph replay on a
+GPU, full CUDA graphs are turned off for GAP checkpoints (`GapServingConfig`: piecewise graphs, the backbone
+captured, the GAP code eager). Nothing of vLLM is patched.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from vllm.model_executor.models.transformers.multimodal import MultiModalDummyIn
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .config import GapSpec
+from .latent_store import FEEDBACK_CODES, LatentStore, SpanTokens, token_layout
 from .processing import GapProcessingInfo
-from .spans import processor_for
+from .spans import GapServing, eos_id
 
 logger = logging.getLogger("gap_vllm")
 
@@ -88,8 +90,14 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         self.gap = GapSpec.from_hf_config(hf_config)
         # The package's head (weights loaded below): the same module, names and math as training and GAP generate.
         self.latent_head = GapLatentHead(hf_config)
-        self._gap_vllm_config = vllm_config
-        self._gap_warned = False
+        max_rows = vllm_config.scheduler_config.max_num_seqs
+        tokens = SpanTokens(pad=self.gap.pad_id, start=self.gap.start_id, end=self.gap.end_id, eos=eos_id(vllm_config))
+        # Twice the batch: requests out of the batch (preempted or finished) keep their slot until it is needed.
+        store = LatentStore(2 * max_rows, self.gap.latent_capacity, hf_config.text_config.hidden_size, tokens,
+                            dtype=vllm_config.model_config.dtype, device=self.latent_head.proj.weight.device)
+        self.serving = GapServing(self.gap, store, max_rows, tokens.eos, vllm_config)
+        if not getattr(vllm_config, "use_v2_model_runner", False):
+            log_serving_mode(vllm_config, self.serving, runner="V1")
 
     # ---- weights ------------------------------------------------------------------------------------------
     def load_weights(self, weights):
@@ -118,85 +126,86 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         return loaded
 
     # ---- latent feedback ----------------------------------------------------------------------------------
-    def _rows(self, num_tokens: int):
-        """`(states, starts, seq_lens)` of this forward, or None when it carries no request (profiling runs)."""
-        metadata = _attention_metadata()
-        processor = processor_for(self._gap_vllm_config)
-        if metadata is None or processor is None:
-            return None
-        starts = metadata.query_start_loc.tolist()
-        seq_lens = metadata.seq_lens.tolist()[: len(starts) - 1]
-        if not seq_lens or starts[-1] > num_tokens:
-            return None
-        states = processor.rows[: len(seq_lens)]
-        if len(states) < len(seq_lens):
-            states = states + [None] * (len(seq_lens) - len(states))
-        return states, starts, seq_lens
+    def feed(self, input_ids, inputs_embeds, token_slot, token_pos, valid):
+        """Fold the step's tokens into the span state, then feed the latent slots (both in `LatentStore`)."""
+        store = self.serving.store
+        from_pending = store.fold(input_ids, token_slot, token_pos, valid)
+        return store.feed(inputs_embeds, input_ids, token_slot, token_pos, valid, from_pending)
 
-    def _feed(self, rows, input_ids: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        states, starts, seq_lens = rows
-        n = starts[-1]
-        slots = (input_ids[:n] == self.gap.pad_id).nonzero().flatten().tolist()
-        if not slots:
-            return inputs_embeds
-        positions, vectors = [], []
-        row = 0
-        for token in slots:
-            while starts[row + 1] <= token:
-                row += 1
-            state = states[row]
-            index = seq_lens[row] - (starts[row + 1] - token)
-            if state is None:
-                raise RuntimeError(
-                    "gap_vllm: a latent slot reached the GAP model but no span state exists for its request: the "
-                    "gap_latent_spans logits processor (entry point vllm.logits_processors) is not loaded."
-                )
-            vector = state.latents.get(index)
-            if vector is None:
-                if index in state.plain:
-                    continue  # a slot token sampled outside a span: a plain token (its token embedding)
-                if index < state.prompt_len and state.invalid:
-                    continue  # a prompt with latent slots: the span processor ends the request at once
-                raise RuntimeError(
-                    f"gap_vllm: no latent was recorded for the latent slot at sequence index {index} of a request "
-                    "(it would be fed a plain slot-token embedding). This happens only if vLLM recomputed a "
-                    "request whose latents were lost; please report it."
-                )
-            positions.append(token)
-            vectors.append(vector)
-        if positions:
-            inputs_embeds = inputs_embeds.clone()
-            inputs_embeds[positions] = torch.stack(vectors).to(inputs_embeds.dtype)
-        return inputs_embeds
-
-    def _record(self, rows, hidden_states: torch.Tensor) -> None:
-        states, starts, seq_lens = rows
-        by_feedback: dict[tuple, list] = {}
-        for row, state in enumerate(states):
-            if state is None or state.slots_left <= 0 or state.invalid:
-                continue
-            if seq_lens[row] != state.prompt_len + len(state.output):
-                continue  # an earlier chunk of a prefill
-            index = seq_lens[row]  # the sequence index of the slot this row appends next
-            if index in state.latents:
-                continue  # recorded before a preemption: replay that
-            key = (state.feedback(self.gap), state.options["intervention"])
-            by_feedback.setdefault(key, []).append((state, index, starts[row + 1] - 1))
-        for (feedback, intervention), items in by_feedback.items():
-            hidden = hidden_states[[last for _, _, last in items]]
-            latents = self.latent_head(hidden, feedback)
-            if intervention == "zero":
-                latents = torch.zeros_like(latents)
-            for (state, index, _), latent in zip(items, latents):
-                state.latents[index] = latent.detach().clone()
+    def record(self, hidden_states, row_slot, next_pos) -> None:
+        """The head's latent for each sampled row (every mode; the row's own is chosen in the store)."""
+        latents = torch.stack([self.latent_head(hidden_states, mode) for mode in FEEDBACK_CODES])
+        self.serving.store.record(hidden_states, row_slot, next_pos, latents)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        rows = None
-        if input_ids is not None and inputs_embeds is not None and intermediate_tensors is None:
-            rows = self._rows(input_ids.shape[0])
-            if rows is not None:
-                inputs_embeds = self._feed(rows, input_ids, inputs_embeds)
-        hidden_states = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        if rows is not None and isinstance(hidden_states, torch.Tensor):
-            self._record(rows, hidden_states)
-        return hidden_states
+        serving = self.serving
+        if serving.step_armed and input_ids is not None and inputs_embeds is not None and intermediate_tensors is None:
+            serving.step_armed = False  # V1: one real step per `update_state`; dummy runs are not armed
+            metadata = _attention_metadata()
+            if metadata is not None:
+                num_rows = metadata.query_start_loc.shape[0] - 1
+                seq_lens = metadata.seq_lens[:num_rows]
+                row, pos, valid = token_layout(metadata.query_start_loc, seq_lens, input_ids.shape[0])
+                inputs_embeds = self.feed(input_ids, inputs_embeds, serving.row_slot[row], pos, valid)
+                serving.record_rows = (serving.row_slot[:num_rows], seq_lens)
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    def compute_logits(self, hidden_states, *args, **kwargs):
+        rows = self.serving.record_rows
+        if rows is not None and hidden_states.shape[0] == rows[0].shape[0]:
+            self.serving.record_rows = None
+            self.record(hidden_states, *rows)
+        return super().compute_logits(hidden_states, *args, **kwargs)
+
+    @classmethod
+    def get_model_state_cls(cls):
+        """Model Runner V2's per-request state for GAP (feed and slots); V1 never calls this."""
+        return gap_model_state_cls()
+
+
+def gap_model_state_cls():
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    class GapModelState(DefaultModelState):
+        """Model Runner V2: `DefaultModelState` (multimodal embeddings, M-RoPE) plus GAP's slots and feed. Runs
+        eagerly before the captured forward; the request-state index -> slot map is a device tensor."""
+
+        def __init__(self, vllm_config, model, encoder_cache, device):
+            super().__init__(vllm_config, model, encoder_cache, device)
+            self.serving = model.serving
+            log_serving_mode(vllm_config, model.serving, runner="V2")
+
+        def add_request(self, req_index, new_req_data):
+            super().add_request(req_index, new_req_data)
+            prompt = list(new_req_data.prompt_token_ids or [])
+            prefill = list(new_req_data.prefill_token_ids or prompt)
+            slot = self.serving.admit(new_req_data.req_id, new_req_data.sampling_params, prompt, prefill[len(prompt):])
+            self.serving.index_to_slot[req_index] = slot
+
+        def remove_request(self, req_id):
+            super().remove_request(req_id)
+            self.serving.store.release(req_id)
+
+        def prepare_inputs_embeds(self, scheduled_encoder_inputs, input_batch, req_states):
+            inputs_embeds = super().prepare_inputs_embeds(scheduled_encoder_inputs, input_batch, req_states)
+            num_tokens, num_reqs = input_batch.num_tokens, input_batch.num_reqs
+            seq_lens = input_batch.seq_lens[:num_reqs]
+            row, pos, valid = token_layout(input_batch.query_start_loc[: num_reqs + 1], seq_lens, num_tokens)
+            slot = self.serving.index_to_slot[input_batch.idx_mapping[row]]
+            inputs_embeds[:num_tokens] = self.model.feed(
+                input_batch.input_ids[:num_tokens], inputs_embeds[:num_tokens], slot, pos, valid)
+            self.serving.record_rows = (self.serving.index_to_slot[input_batch.expanded_idx_mapping], seq_lens)
+            return inputs_embeds
+
+    return GapModelState
+
+
+def log_serving_mode(vllm_config, serving, runner: str) -> None:
+    compilation = vllm_config.compilation_config
+    store = serving.store
+    logger.info(
+        "gap_vllm: backbone Transformers (transformers' Qwen2.5-VL modules), runner %s, compilation %s, cudagraph "
+        "mode %s, latent store %d slots x %d latents on %s.", runner, getattr(compilation.mode, "name", compilation.mode),
+        getattr(compilation.cudagraph_mode, "name", compilation.cudagraph_mode), store.num_slots, store.capacity,
+        store.device,
+    )

@@ -1,37 +1,38 @@
-"""Per-request latent state and the span rule, as a vLLM V1 logits processor.
+"""The span rule as a logits processor both of vLLM's model runners load, and the worker's serving state.
 
-`GapLatentSpanProcessor` is loaded through the `vllm.logits_processors` entry point in every worker. It
+`GapLatentSpanProcessor` is registered under the `vllm.logits_processors` entry point. It implements both
+interfaces: V1 (`vllm.v1.sample.logits_processor.LogitsProcessor`: `update_state(BatchUpdate)` + `apply(logits)`)
+and Model Runner V2 (`vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor`: `add_request` +
+`apply(logits, ctx)`), so a vLLM with the plugin installed starts on either runner. For a model that is not a GAP
+checkpoint it does nothing.
 
-- keeps one `RequestState` per request in the persistent batch (moved with its row on every batch change), with the
-  request's options from `SamplingParams.extra_args` (`latent_intervention`, `max_latent_spans`, `latent_feedback`)
-  and the latents fed so far (for replay after preemption);
-- enforces the checkpoint's span rule on the logits: `fixed` forces K `<|latent_pad|>` slots after
-  `<|latent_start|>`, then `<|latent_end|>`; `sampled_end` lets the end token be chosen (it ends the span when it is
-  what the request would have sampled), forced after the maximum; `drop` / `max_latent_spans` forbid opening a span.
-
-The GAP model of the same worker reads these states (row by row, in batch order) to know what each request is fed.
+The span state itself lives on the device in the model's `LatentStore` (`latent_store.py`), shared through
+`GapServing` (one per engine in a worker process): the processor only maps logits rows to store slots
+(`apply_span_rule`). On the V1 runner it also follows the persistent batch (requests added, removed, moved) and
+gives each request its slot; on V2 the model state (`model.GapModelState`) does that.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.sample.logits_processor import MoveDirectionality
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
 from .config import FEEDBACK_MODES, INTERVENTIONS, SPAN_RULES, GapSpec
+from .latent_store import LatentStore, RequestOptions, SpanTokens
 
 logger = logging.getLogger("gap_vllm")
 
 OPTION_KEYS = ("latent_intervention", "max_latent_spans", "latent_feedback", "latent_span_rule", "latent_max_tokens")
-_PROCESSORS: dict[str, "GapLatentSpanProcessor"] = {}
-_PARKED_LIMIT = 4096  # requests out of the batch (preempted, unscheduled or finished) whose latents are kept
+_SERVING: dict[str, "GapServing"] = {}
 
 
-def processor_for(vllm_config) -> "GapLatentSpanProcessor | None":
-    """The span processor built for this engine's worker (same `VllmConfig`)."""
-    return _PROCESSORS.get(getattr(vllm_config, "instance_id", ""))
+def serving_for(vllm_config) -> "GapServing | None":
+    """The serving state the GAP model of this engine created in this process (None: not a GAP model)."""
+    return _SERVING.get(getattr(vllm_config, "instance_id", ""))
 
 
 def parse_options(extra_args: dict | None) -> dict:
@@ -61,197 +62,138 @@ def parse_options(extra_args: dict | None) -> dict:
                 max_tokens=max_tokens)
 
 
-class RequestState:
-    """One request's latent state. `latents[j]` is what is fed at sequence index j (a `<|latent_pad|>` slot): it is
-    computed when the state at j - 1 is, and kept so that a preempted request replays the same vectors."""
-
-    __slots__ = ("params", "prompt_len", "output", "seen", "slots_left", "end_due", "spans", "options",
-                 "greedy", "temperature", "invalid", "latents", "plain", "span_rule", "max_latents")
-
-    def __init__(self, spec: GapSpec, params, prompt_ids, output_ids):
-        self.params = params
-        self.options = parse_options(getattr(params, "extra_args", None))
-        self.greedy = float(getattr(params, "temperature", 1.0)) < 1e-5
-        self.temperature = max(float(getattr(params, "temperature", 1.0)), 1e-5)
-        prompt = list(prompt_ids or [])
-        self.prompt_len = len(prompt)
-        self.output = output_ids
-        self.seen = 0
-        self.latents: dict[int, torch.Tensor] = {}
-        # Sequence indices of `<|latent_pad|>` tokens generated outside a span (a model may sample the slot token
-        # freely): they are plain tokens, fed their token embedding, as in GAP generate.
-        self.plain: set[int] = set()
-        # A prompt may end in `<|latent_start|>` (it then opens a span); latent slots inside a prompt cannot be fed
-        # (no vector is given for them), so such a request is ended at once.
-        self.invalid = spec.pad_id in prompt
-        # The checkpoint's span rule, unless the request names one (`latent_span_rule`, `latent_max_tokens`).
-        self.span_rule = self.options["span_rule"] or spec.span_rule
-        if self.span_rule == "sampled_end":
-            self.max_latents = self.options["max_tokens"] or (
-                spec.max_latents if spec.span_rule == "sampled_end" else spec.num_latent_tokens)
-        else:
-            self.max_latents = spec.num_latent_tokens
-        self.spans = sum(t == spec.start_id for t in prompt)
-        self.slots_left = self.max_latents if prompt and prompt[-1] == spec.start_id else 0
-        self.end_due = False
-
-    def feedback(self, spec: GapSpec) -> str:
-        return self.options["feedback"] or spec.feedback
-
-    def advance(self, spec: GapSpec):
-        """Fold the tokens sampled since the last call into the span state (GAP generate's rule).
-
-        The state follows the tokens actually sampled, not the ones this processor forced: a logits processor that
-        runs after it (vLLM applies `LLM(logits_processors=...)` after the entry-point ones) can override a forced
-        token. A `<|latent_start|>` sampled while no span may open (`drop`, `max_latent_spans` reached) opens none
-        (GAP generate: "drop and max_latent_spans win over every logits processor"); a `<|latent_pad|>` outside a
-        span is a plain token."""
-        first = self.seen
-        new = self.output[first:]
-        self.seen = len(self.output)
-        for offset, token in enumerate(new):
-            slot = False
-            if self.slots_left > 0:
-                if token == spec.pad_id:
-                    self.slots_left -= 1
-                    self.end_due = self.slots_left == 0
-                    slot = True
-                else:  # the end token (sampled_end), or anything a stop condition let through
-                    self.slots_left, self.end_due = 0, False
-            elif self.end_due:
-                self.end_due = False
-            elif token == spec.start_id and self.can_open():
-                self.slots_left, self.spans = self.max_latents, self.spans + 1
-            if token == spec.pad_id and not slot:
-                self.plain.add(self.prompt_len + first + offset)
-
-    def can_open(self) -> bool:
-        if self.options["intervention"] == "drop":
-            return False
-        return self.options["max_spans"] is None or self.spans < self.options["max_spans"]
+def request_options(spec: GapSpec, params) -> RequestOptions:
+    """A request's options (`SamplingParams.extra_args`) resolved against the checkpoint's defaults."""
+    options = parse_options(getattr(params, "extra_args", None))
+    span_rule = options["span_rule"] or spec.span_rule
+    if span_rule == "sampled_end":
+        max_latents = options["max_tokens"] or (
+            spec.max_latents if spec.span_rule == "sampled_end" else spec.num_latent_tokens)
+    else:
+        max_latents = spec.num_latent_tokens
+    temperature = getattr(params, "temperature", 1.0)
+    return RequestOptions(
+        feedback=options["feedback"] or spec.feedback, intervention=options["intervention"],
+        max_spans=options["max_spans"], max_latents=max_latents, sampled_end=span_rule == "sampled_end",
+        temperature=1.0 if temperature is None else float(temperature),
+    )
 
 
-class GapLatentSpanProcessor(LogitsProcessor):
-    """vLLM V1 logits processor (interface `vllm.v1.sample.logits_processor.LogitsProcessor`)."""
+class GapServing:
+    """One engine's serving state in a worker process: the latent store and the maps from the runner's rows (V1:
+    persistent-batch rows; V2: request-state indices) to store slots, as device tensors.
+
+    `record_rows` arms the next `compute_logits` (the one whose rows the sampler uses): the model sets it where a
+    real step starts (V1: the forward after the processor's `update_state`; V2: `prepare_inputs_embeds`), and the
+    record consumes it, so prompt-logprob and dummy calls record nothing."""
+
+    def __init__(self, spec: GapSpec, store: LatentStore, max_rows: int, eos: int, vllm_config):
+        self.spec, self.store = spec, store
+        scratch = torch.full((max_rows,), store.scratch, dtype=torch.long, device=store.device)
+        self.row_slot = scratch  # V1: persistent-batch row -> slot
+        self.index_to_slot = scratch.clone()  # V2: request-state index -> slot
+        self.row_slot_host = [store.scratch] * max_rows
+        self.row_keys: list = [None] * max_rows
+        self.params: dict = {}  # V1 keys are id(SamplingParams): the objects are held so an id is not reused
+        self.step_armed = False
+        self.record_rows: tuple | None = None
+        self.resumed = 0  # requests that re-entered the batch with their history (after preemption)
+        self.eos = eos
+        _SERVING[getattr(vllm_config, "instance_id", "")] = self
+
+    def admit(self, key, params, prompt, output) -> int:
+        output = [t for t in (output or []) if t >= 0]  # async scheduling: -1 placeholders
+        resumed = key in self.store.slot_table.parked
+        slot = self.store.admit(key, request_options(self.spec, params), list(prompt or []), output)
+        self.resumed += resumed
+        if not resumed and output and self.spec.pad_id in output:
+            logger.error("gap_vllm: a request with latent spans re-entered the batch after its latents were "
+                         "evicted from the store (more requests out of the batch than it keeps); it is ended. "
+                         "Lower max_num_seqs or give the KV cache more room.")
+        return slot
+
+    # ---- V1 runner: follow the persistent batch ---------------------------------------------------------------
+    def update_v1(self, batch_update) -> None:
+        """Apply a V1 `BatchUpdate` (removed, added, moved, in that order) to the row -> slot map."""
+        store, keys, slots = self.store, self.row_keys, self.row_slot_host
+        for index in batch_update.removed:
+            if keys[index] is not None:
+                store.release(keys[index])
+            keys[index], slots[index] = None, store.scratch
+        for index, params, prompt, output in batch_update.added:
+            if keys[index] is not None:
+                store.release(keys[index])
+            key = id(params)
+            self.params[key] = params
+            keys[index], slots[index] = key, self.admit(key, params, prompt, output)
+        for a, b, direction in batch_update.moved:
+            if direction == MoveDirectionality.SWAP:
+                keys[a], keys[b] = keys[b], keys[a]
+                slots[a], slots[b] = slots[b], slots[a]
+            else:
+                keys[b], slots[b] = keys[a], slots[a]
+                keys[a], slots[a] = None, store.scratch
+        for index in range(batch_update.batch_size, len(keys)):
+            if keys[index] is not None:
+                store.release(keys[index])
+            keys[index], slots[index] = None, store.scratch
+        known = store.slot_table.live.keys() | store.slot_table.parked.keys()
+        self.params = {key: params for key, params in self.params.items() if key in known}
+        self.row_slot.copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
+
+
+class GapLatentSpanProcessor(V1LogitsProcessor, V2LogitsProcessor):
+    """The span rule for both model runners (constructed as `(vllm_config, device, is_pin_memory)` by V1 and
+    `(vllm_config, req_states)` by V2). A no-op for models that are not GAP checkpoints."""
 
     @classmethod
     def validate_params(cls, sampling_params):
         parse_options(getattr(sampling_params, "extra_args", None))
 
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        hf_config = vllm_config.model_config.hf_config
-        self.spec = GapSpec.from_hf_config(hf_config) if _is_gap(hf_config) else None
-        self.rows: list[RequestState | None] = []
-        self.parked: OrderedDict[int, RequestState] = OrderedDict()
-        self.eos_ids = _eos_ids(vllm_config)
-        self.resumed = 0  # requests that re-entered the batch with latents already fed (after a preemption)
-        if self.spec is not None:
-            _PROCESSORS[getattr(vllm_config, "instance_id", "")] = self
+    def __init__(self, vllm_config, *runner_args):
+        self.vllm_config = vllm_config
+        self.runner = "V2" if len(runner_args) == 1 else "V1"
+        self.is_gap = _is_gap(vllm_config.model_config.hf_config)
+
+    def serving(self) -> GapServing | None:
+        # The processor is built before the model (which creates the serving state) is loaded.
+        return serving_for(self.vllm_config) if self.is_gap else None
 
     def is_argmax_invariant(self) -> bool:
         return False  # it forces tokens
 
-    # ---- batch bookkeeping ----------------------------------------------------------------------------
-    def _set(self, index: int, state):
-        if index >= len(self.rows):
-            self.rows.extend([None] * (index + 1 - len(self.rows)))
-        self.rows[index] = state
+    def add_request(self, req_idx: int, sampling_params) -> bool:  # V2
+        return self.is_gap
 
-    def update_state(self, batch_update) -> None:
-        if self.spec is None:
+    def update_state(self, batch_update) -> None:  # V1, once per step before the forward
+        serving = self.serving()
+        if serving is None:
             return
         if batch_update is not None:
-            for index in batch_update.removed:
-                state = self.rows[index] if index < len(self.rows) else None
-                if state is not None:  # finished or out of the batch for now (preempted): keep its latents
-                    self.parked[id(state.params)] = state
-                    while len(self.parked) > _PARKED_LIMIT:
-                        self.parked.popitem(last=False)
-                    self.rows[index] = None
-            for index, params, prompt_ids, output_ids in batch_update.added:
-                state = self.parked.pop(id(params), None)
-                if state is not None and state.params is params:  # back in the batch (e.g. resumed)
-                    self.resumed += bool(state.latents)
-                    state.output = output_ids
-                    state.seen = min(state.seen, len(output_ids))
-                else:
-                    state = RequestState(self.spec, params, prompt_ids, output_ids)
-                    if output_ids and self.spec.pad_id in output_ids:
-                        raise RuntimeError(
-                            "gap_vllm: a request with latent spans re-entered the batch but its fed latents were "
-                            "not kept (more than %d requests out of the batch at once); continuing would feed "
-                            "plain slot-token embeddings at its latent slots. Lower max_num_seqs or give the KV "
-                            "cache more room." % _PARKED_LIMIT
-                        )
-                    if state.invalid:
-                        logger.error(
-                            "gap_vllm: a prompt contains %s slots; a prompt cannot carry latent vectors, so the "
-                            "request is ended at once (send the text without its latent spans).",
-                            "<|latent_pad|>",
-                        )
-                self._set(index, state)
-            for a, b, direction in batch_update.moved:
-                if max(a, b) >= len(self.rows):
-                    self.rows.extend([None] * (max(a, b) + 1 - len(self.rows)))
-                if direction == MoveDirectionality.SWAP:
-                    self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
-                else:
-                    self.rows[b], self.rows[a] = self.rows[a], None
-            del self.rows[batch_update.batch_size:]
-        for state in self.rows:
-            if state is not None:
-                state.advance(self.spec)
+            serving.update_v1(batch_update)
+        serving.step_armed = True
 
-    # ---- the span rule ----------------------------------------------------------------------------------
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        if spec is None or not self.rows:
+    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
+        serving = self.serving()
+        if serving is None:
             return logits
-        forced_rows, forced_tokens, blocked, choose_end = [], [], [], []
-        for row, state in enumerate(self.rows[: logits.shape[0]]):
-            if state is None:
-                continue
-            if state.invalid:
-                if self.eos_ids:
-                    forced_rows.append(row), forced_tokens.append(self.eos_ids[0])
-            elif state.slots_left > 0:
-                if state.span_rule == "sampled_end":
-                    choose_end.append(row)
-                else:
-                    forced_rows.append(row), forced_tokens.append(spec.pad_id)
-            elif state.end_due:
-                forced_rows.append(row), forced_tokens.append(spec.end_id)
-            elif not state.can_open():
-                blocked.append(row)
-        if blocked:
-            logits[blocked, spec.start_id] = float("-inf")
-        for row in choose_end:
-            state = self.rows[row]
-            scores = logits[row]
-            if state.greedy:  # the end token ends the span iff it is what greedy search would pick
-                token = spec.end_id if int(scores.argmax()) == spec.end_id else spec.pad_id
-                forced_rows.append(row), forced_tokens.append(token)
-            else:  # sample "end" with its probability under the request's temperature, otherwise a slot
-                p_end = torch.softmax(scores.float() / state.temperature, dim=-1)[spec.end_id].clamp(1e-12, 1 - 1e-7)
-                scores.fill_(float("-inf"))
-                scores[spec.end_id] = state.temperature * torch.log(p_end)
-                scores[spec.pad_id] = state.temperature * torch.log1p(-p_end)
-        if forced_rows:
-            logits[forced_rows] = float("-inf")
-            logits[forced_rows, forced_tokens] = 0.0
-        return logits
+        if ctx is None:  # V1: logits rows are persistent-batch rows
+            row_slot = serving.row_slot[: logits.shape[0]]
+        else:  # V2: rows map to request-state indices
+            row_slot = serving.index_to_slot[ctx.expanded_idx_mapping]
+        return serving.store.apply_span_rule(logits, row_slot)
 
 
 def _is_gap(hf_config) -> bool:
     return getattr(hf_config, "latent_start_token_id", None) is not None and hasattr(hf_config, "num_latent_tokens")
 
 
-def _eos_ids(vllm_config) -> list[int]:
+def eos_id(vllm_config) -> int:
+    """The checkpoint's first EOS id (-1: none)."""
     hf_config = vllm_config.model_config.hf_config
     text = getattr(hf_config, "text_config", hf_config)
     eos = getattr(text, "eos_token_id", None)
     if eos is None:
         eos = getattr(hf_config, "eos_token_id", None)
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return eos[0] if eos else -1

@@ -1,0 +1,333 @@
+"""The device side of GAP serving: latent store, feed, record and span rule, in torch alone.
+
+vLLM's hooks (`model.py`, `spans.py`) are thin adapters around this module; it imports torch only, so it is tested
+alone (compiled with `fullgraph=True`, on fake tensors, traced with `make_fx` and replayed).
+
+Every per-step method (`fold`, `feed`, `record`, `apply_span_rule`) is a fixed sequence of tensor ops on buffers
+allocated once: no `.item()`, `.tolist()`, `nonzero`, Python branch on a tensor value or per-request loop, so it
+can run inside a captured CUDA graph and under asynchronous scheduling. Host work happens only when the batch
+changes (`admit`, `release`): a slot per request, its options written in one copy.
+
+State is indexed by a stable *slot* (one per request, kept while the request is preempted; a scratch slot
+`num_slots` absorbs padded rows):
+
+- history: `vectors (P+1, L, H)`, the latents fed so far at sequence positions `vector_pos (P+1, L)` (-1: empty);
+- pending: `pending_vector (P+1, H)` for position `state[:, PENDING_POS]`, written by `record` from the last
+  sampled row's hidden state; `feed` moves it into the history when a latent slot at that position is fed;
+- span state and options: `state (P+1, NUM_FIELDS)` (int64 columns below) and `temperature (P+1,)`.
+
+A `<|latent_pad|>` token at position p is fed the history's vector for p if there is one (so replay after
+preemption and chunked prefill are exact by construction), else the pending vector when the span rule made it a
+latent slot (the span state says so when the token was folded); otherwise (a pad sampled outside a span) it keeps
+its token embedding, as in GAP `generate`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+FEEDBACK_CODES = {"pca": 0, "ema_norm": 1, "raw": 2}
+INTERVENTION_CODES = {None: 0, "zero": 1, "drop": 2}
+
+# Columns of `LatentStore.state`.
+(PROMPT_LEN, FOLDED, SLOTS_LEFT, END_DUE, SPANS, INVALID, EVICTED, FEEDBACK, INTERVENTION, MAX_SPANS,
+ MAX_LATENTS, SAMPLED_END, GREEDY, COUNT, PENDING_POS, IS_SLOT) = range(16)
+NUM_FIELDS = 16
+
+
+@dataclass(frozen=True)
+class SpanTokens:
+    """The token ids the span rule uses (`eos` -1 where the checkpoint names none)."""
+
+    pad: int
+    start: int
+    end: int
+    eos: int = -1
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """One request's GAP options, resolved against the checkpoint's defaults (`spans.parse_options` builds it)."""
+
+    feedback: str
+    intervention: str | None
+    max_spans: int | None
+    max_latents: int
+    sampled_end: bool
+    temperature: float  # < 1e-5: greedy
+
+
+class SlotTable:
+    """Stable store slots for requests (host side, touched only when the batch changes).
+
+    A request keeps its slot while it is out of the batch (preempted, or finished: the runner does not say which),
+    so a resumed request finds its history. Parked slots are reused least-recently-parked first once no free slot
+    is left; a request resumed after its slot was reused cannot be fed its latents and is ended (`evicted`)."""
+
+    def __init__(self, num_slots: int):
+        self.free = list(range(num_slots - 1, -1, -1))
+        self.live: dict = {}
+        self.parked: OrderedDict = OrderedDict()
+
+    def admit(self, key) -> tuple[int, bool]:
+        """`(slot, resumed)` for a request entering the batch."""
+        if key in self.live:
+            return self.live[key], True
+        if key in self.parked:
+            slot = self.parked.pop(key)
+            self.live[key] = slot
+            return slot, True
+        if self.free:
+            slot = self.free.pop()
+        elif self.parked:
+            slot = self.parked.popitem(last=False)[1]
+        else:
+            raise RuntimeError("gap_vllm: no latent store slot left (more live requests than the store holds).")
+        self.live[key] = slot
+        return slot, False
+
+    def release(self, key) -> None:
+        slot = self.live.pop(key, None)
+        if slot is not None:
+            self.parked[key] = slot
+
+
+class LatentStore:
+    """Latent history, pending latents and span state of up to `num_slots` requests (shapes in the module doc)."""
+
+    def __init__(self, num_slots: int, capacity: int, hidden_size: int, tokens: SpanTokens, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if capacity < 1:
+            raise ValueError(f"capacity (latents kept per request) must be >= 1; got {capacity}.")
+        self.num_slots, self.capacity, self.hidden_size, self.tokens = num_slots, capacity, hidden_size, tokens
+        rows = num_slots + 1  # + the scratch slot
+        self.vectors = torch.zeros(rows, capacity, hidden_size, dtype=dtype, device=device)
+        self.vector_pos = torch.full((rows, capacity), -1, dtype=torch.long, device=device)
+        self.pending_vector = torch.zeros(rows, hidden_size, dtype=dtype, device=device)
+        self.state = torch.zeros(rows, NUM_FIELDS, dtype=torch.long, device=device)
+        self.state[:, PENDING_POS] = -1
+        self.state[:, FOLDED] = -1
+        self.temperature = torch.ones(rows, dtype=torch.float32, device=device)
+        self.slot_table = SlotTable(num_slots)
+
+    @property
+    def scratch(self) -> int:
+        return self.num_slots
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    # ---- batch changes (host) ----------------------------------------------------------------------------------
+    def admit(self, key, options: RequestOptions, prompt: list[int], output: list[int] | None = None) -> int:
+        """Give a request entering the batch its slot: a new request's state is written (one copy); a resumed one
+        keeps its history. `output`: tokens it already has (a resumed request); -1 placeholders are ignored."""
+        slot, resumed = self.slot_table.admit(key)
+        if resumed:
+            return slot
+        tokens = self.tokens
+        row = [0] * NUM_FIELDS
+        row[PROMPT_LEN] = len(prompt)
+        row[FOLDED] = -1
+        row[INVALID] = int(tokens.pad in prompt)
+        # A request that has output with latent slots but no history lost it (its slot was reused): end it.
+        row[EVICTED] = int(bool(output) and tokens.pad in output)
+        row[FEEDBACK] = FEEDBACK_CODES[options.feedback]
+        row[INTERVENTION] = INTERVENTION_CODES[options.intervention]
+        row[MAX_SPANS] = -1 if options.max_spans is None else options.max_spans
+        row[MAX_LATENTS] = options.max_latents
+        row[SAMPLED_END] = int(options.sampled_end)
+        row[GREEDY] = int(options.temperature < 1e-5)
+        row[PENDING_POS] = -1
+        self.write_rows([slot], [row], [max(options.temperature, 1e-5)])
+        return slot
+
+    def release(self, key) -> None:
+        self.slot_table.release(key)
+
+    def write_rows(self, slots: list[int], rows: list[list[int]], temperatures: list[float]) -> None:
+        index = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+        self.state.index_copy_(0, index, torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True))
+        self.temperature.index_copy_(0, index, torch.tensor(temperatures, dtype=torch.float32).to(self.device))
+        self.vector_pos.index_fill_(0, index, -1)
+
+    # ---- per step (device, fixed shapes) -----------------------------------------------------------------------
+    def can_open(self, slots: torch.Tensor) -> torch.Tensor:
+        """(n,) slots -> (n,) bool: may a `<|latent_start|>` open a span now (`drop`, `max_latent_spans`, and room
+        for a whole span in the history)."""
+        state = self.state[slots]
+        max_spans = state[:, MAX_SPANS]
+        return ((state[:, INTERVENTION] != INTERVENTION_CODES["drop"])
+                & ((max_spans < 0) | (state[:, SPANS] < max_spans))
+                & (state[:, COUNT] + state[:, MAX_LATENTS] <= self.capacity))
+
+    def fold(self, token_ids: torch.Tensor, token_slot: torch.Tensor, token_pos: torch.Tensor,
+             valid: torch.Tensor) -> torch.Tensor:
+        """Fold this forward's tokens into the span state (GAP generate's rule) and return `(N,) bool`: which tokens
+        are latent slots to be fed from the pending vector.
+
+        token_ids, token_slot, token_pos, valid: (N,) the flattened batch's tokens, their request slots, sequence
+        positions, and which are real (padding: False). A token is folded once (positions above the slot's
+        `FOLDED` mark): prompt tokens give the prompt's span count and whether it ends in `<|latent_start|>`; an
+        output token (at most one new per request and step) advances the span state machine."""
+        tokens, rows = self.tokens, self.state.shape[0]
+        slot = torch.where(valid, token_slot, torch.full_like(token_slot, self.scratch))
+        state = self.state[slot]
+        new = valid & (token_pos > state[:, FOLDED])
+        prompt_len = state[:, PROMPT_LEN]
+        is_prompt = new & (token_pos < prompt_len)
+        is_output = new & ~is_prompt
+        zeros = torch.zeros(rows, dtype=torch.long, device=slot.device)
+
+        def per_slot_sum(values: torch.Tensor) -> torch.Tensor:
+            return zeros.index_add(0, slot, values.long())
+
+        def per_slot_max(values: torch.Tensor, empty: int) -> torch.Tensor:
+            return torch.full_like(zeros, empty).scatter_reduce(0, slot, values.long(), "amax", include_self=True)
+
+        # The prompt: spans counted, latent slots in it (refused at the frontend; ended here if one gets through).
+        prompt_starts = per_slot_sum(is_prompt & (token_ids == tokens.start))
+        prompt_pads = per_slot_sum(is_prompt & (token_ids == tokens.pad))
+        last_prompt = is_prompt & (token_pos == prompt_len - 1)
+        prompt_done = per_slot_sum(last_prompt) > 0
+        prompt_opens = per_slot_sum(last_prompt & (token_ids == tokens.start)) > 0
+        # One new output token per slot: the state machine.
+        has_output = per_slot_sum(is_output) > 0
+        output_token = per_slot_max(torch.where(is_output, token_ids, torch.full_like(token_ids, -1)), -1)
+        folded = per_slot_max(torch.where(valid, token_pos, torch.full_like(token_pos, -1)), -1)
+
+        all_slots = torch.arange(rows, device=slot.device)
+        current = self.state
+        slots_left, end_due, spans = current[:, SLOTS_LEFT], current[:, END_DUE] > 0, current[:, SPANS]
+        max_latents = current[:, MAX_LATENTS]
+        in_span = slots_left > 0
+        is_pad = output_token == tokens.pad
+        is_slot = has_output & in_span & is_pad
+        opens = has_output & ~in_span & ~end_due & (output_token == tokens.start) & self.can_open(all_slots)
+        out_slots = torch.where(in_span, torch.where(is_pad, slots_left - 1, zeros), torch.where(opens, max_latents, zeros))
+        out_end_due = in_span & is_pad & (slots_left == 1)
+        new_slots_left = torch.where(has_output, out_slots, slots_left)
+        new_end_due = torch.where(has_output, out_end_due, end_due)
+        # A prompt's last token sets the state (a prompt ending in <|latent_start|> opens a span).
+        new_slots_left = torch.where(prompt_done, torch.where(prompt_opens, max_latents, zeros), new_slots_left)
+        new_end_due = new_end_due & ~prompt_done
+        updated = torch.stack([
+            new_slots_left, new_end_due.long(), spans + prompt_starts + opens.long(),
+            current[:, INVALID] | (prompt_pads > 0).long(), torch.maximum(current[:, FOLDED], folded),
+            is_slot.long(),
+        ], dim=1)
+        columns = torch.tensor([SLOTS_LEFT, END_DUE, SPANS, INVALID, FOLDED, IS_SLOT], device=slot.device)
+        self.state.index_copy_(1, columns, updated)
+        return is_output & self.state[slot, IS_SLOT].bool()
+
+    def feed(self, inputs_embeds: torch.Tensor, token_ids: torch.Tensor, token_slot: torch.Tensor,
+             token_pos: torch.Tensor, valid: torch.Tensor, fed_from_pending: torch.Tensor) -> torch.Tensor:
+        """(N, H) embeddings -> (N, H) with every latent slot's vector in place: the history's vector for its
+        position, else (`fed_from_pending`, from `fold`) the pending vector, which then joins the history."""
+        slot = torch.where(valid, token_slot, torch.full_like(token_slot, self.scratch))
+        is_pad = valid & (token_ids == self.tokens.pad)
+        matches = (self.vector_pos[slot] == token_pos[:, None]) & is_pad[:, None]  # (N, L)
+        from_history = matches.any(dim=1)
+        history_index = matches.long().argmax(dim=1)
+        state = self.state[slot]
+        from_pending = fed_from_pending & ~from_history & (state[:, PENDING_POS] == token_pos)
+        vectors = torch.where(from_history[:, None], self.vectors[slot, history_index], self.pending_vector[slot])
+        fed = (from_history | from_pending)[:, None]
+        inputs_embeds = torch.where(fed, vectors.to(inputs_embeds.dtype), inputs_embeds)
+        # The pending vector joins the history of each slot that was fed it.
+        rows = self.state.shape[0]
+        commit = torch.zeros(rows, dtype=torch.long, device=slot.device).index_add(0, slot, from_pending.long()) > 0
+        all_slots = torch.arange(rows, device=slot.device)
+        count = self.state[:, COUNT]
+        at = count.clamp(max=self.capacity - 1)
+        self.vectors[all_slots, at] = torch.where(commit[:, None], self.pending_vector, self.vectors[all_slots, at])
+        self.vector_pos[all_slots, at] = torch.where(commit, self.state[:, PENDING_POS], self.vector_pos[all_slots, at])
+        self.state[:, COUNT] = count + commit.long()
+        return inputs_embeds
+
+    def record(self, hidden_states: torch.Tensor, row_slot: torch.Tensor, next_pos: torch.Tensor,
+               latents_by_mode: torch.Tensor) -> None:
+        """Write each sampled row's latent as its slot's pending vector for position `next_pos` (the first time
+        that position is reached).
+
+        hidden_states: (R, H) final hidden states of the rows the sampler uses; row_slot, next_pos: (R,);
+        latents_by_mode: (3, R, H) the head's output in modes pca / ema_norm / raw (`FEEDBACK_CODES` order). The
+        row's feedback mode picks one, `latent_intervention="zero"` zeroes it."""
+        state = self.state[row_slot]
+        mode = state[:, FEEDBACK]
+        latents = torch.where((mode == 0)[:, None], latents_by_mode[0],
+                              torch.where((mode == 1)[:, None], latents_by_mode[1], latents_by_mode[2]))
+        zero = (state[:, INTERVENTION] == INTERVENTION_CODES["zero"])[:, None]
+        latents = torch.where(zero, torch.zeros_like(latents), latents)
+        # Only the first computation for a position counts, as in GAP generate: a replayed row (after preemption,
+        # its next token already folded) records nothing, and a pending vector already there for the same position
+        # (computed before the preemption) is kept.
+        write = (next_pos > state[:, FOLDED]) & (state[:, PENDING_POS] != next_pos)
+        self.pending_vector[row_slot] = torch.where(write[:, None], latents.to(self.pending_vector.dtype),
+                                                    self.pending_vector[row_slot])
+        self.state[row_slot, PENDING_POS] = torch.where(write, next_pos.long(), state[:, PENDING_POS])
+
+    def apply_span_rule(self, logits: torch.Tensor, row_slot: torch.Tensor) -> torch.Tensor:
+        """(R, V) logits of the rows being sampled -> (R, V) with the span rule applied, in place where possible.
+
+        `fixed`: K `<|latent_pad|>` after `<|latent_start|>`, then `<|latent_end|>`; `sampled_end`: end or slot,
+        greedy by the end token's rank, sampled by its probability at the request's temperature; `drop` /
+        `max_latent_spans` / a full history: no `<|latent_start|>`; a request that cannot be served (latent slots in
+        its prompt, or its history lost): EOS."""
+        tokens = self.tokens
+        state = self.state[row_slot]
+        slots_left, end_due = state[:, SLOTS_LEFT], state[:, END_DUE] > 0
+        ended = (state[:, INVALID] > 0) | (state[:, EVICTED] > 0)
+        in_span = (slots_left > 0) & ~ended
+        sampled_end = in_span & (state[:, SAMPLED_END] > 0)
+        greedy = state[:, GREEDY] > 0
+        blocked = ~in_span & ~end_due & ~ended & ~self.can_open(row_slot)
+        minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+
+        logits[:, tokens.start] = torch.where(blocked, minus_inf, logits[:, tokens.start])
+        # sampled_end: greedy ends the span iff the end token ranks first; sampling chooses between end and a slot
+        # with the end token's probability at the request's temperature.
+        temperature = self.temperature[row_slot]
+        scaled_end = logits[:, tokens.end].float() / temperature
+        p_end = torch.exp(scaled_end - torch.logsumexp(logits.float() / temperature[:, None], dim=-1))
+        p_end = p_end.clamp(1e-12, 1 - 1e-7)
+        greedy_end = logits.argmax(dim=-1) == tokens.end
+        two_way = sampled_end & ~greedy
+        forced = torch.full_like(slots_left, -1)
+        forced = torch.where(ended, torch.full_like(forced, tokens.eos), forced)
+        forced = torch.where(in_span & ~sampled_end, torch.full_like(forced, tokens.pad), forced)
+        forced = torch.where(sampled_end & greedy,
+                             torch.where(greedy_end, torch.full_like(forced, tokens.end),
+                                         torch.full_like(forced, tokens.pad)), forced)
+        forced = torch.where(~in_span & end_due & ~ended, torch.full_like(forced, tokens.end), forced)
+        is_forced = forced >= 0
+        cleared = two_way | is_forced
+        end_logit, pad_logit = logits[:, tokens.end].clone(), logits[:, tokens.pad].clone()
+        logits.masked_fill_(cleared[:, None], float("-inf"))
+        logits[:, tokens.end] = torch.where(two_way, (temperature * torch.log(p_end)).to(logits.dtype),
+                                            torch.where(cleared, minus_inf, end_logit))
+        logits[:, tokens.pad] = torch.where(two_way, (temperature * torch.log1p(-p_end)).to(logits.dtype),
+                                            torch.where(cleared, minus_inf, pad_logit))
+        index = forced.clamp(min=0)[:, None]
+        logits.scatter_(1, index, torch.where(is_forced[:, None], torch.zeros_like(index, dtype=logits.dtype),
+                                              logits.gather(1, index)))
+        return logits
+
+
+def token_layout(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The flattened batch's per-token `(row, position, valid)` from attention metadata, by tensor ops.
+
+    query_start_loc: (R+1,) first token of each row; seq_lens: (R,) each row's sequence length after this step;
+    num_tokens: N (>= query_start_loc[-1]; the tail is padding). Returns row (N,) in [0, R), position (N,) the
+    token's index in its sequence, valid (N,)."""
+    index = torch.arange(num_tokens, device=query_start_loc.device)
+    num_rows = seq_lens.shape[0]
+    ends = query_start_loc[1:num_rows + 1]
+    row = torch.searchsorted(ends, index, right=True).clamp(max=max(num_rows - 1, 0))
+    valid = index < query_start_loc[num_rows]
+    position = seq_lens[row] - (ends[row] - index)
+    return row, position, valid
