@@ -8,8 +8,10 @@ Runs with the main environment (`make install`): it builds tiny (text width 128,
 (ignore_eos), greedy, with a span of K = 8 latents opened every 32 positions (a logits processor forces
 `<|latent_start|>`; the span rule then forces the K slots and the end token). Rows measured:
 
-- `stock vLLM`: vLLM's native Qwen2 decoder on the same text weights (vLLM's own Qwen2.5-VL module needs
-  torchvision, which does not load here), the same forced token every 32 positions, no latents;
+- `stock, Transformers backend (a)`: the same text weights served through vLLM's Transformers modeling backend
+  (`model_impl="transformers"`), the backend the plugin builds on; the same forced token every 32 positions;
+- `stock, vLLM native (b)`: vLLM's native Qwen2 decoder on the same text weights, its fastest path for them
+  (vLLM's own Qwen2.5-VL module needs torchvision, which does not load here);
 - `GAP plugin, no spans`: the plugin with `latent_intervention="drop"` (vLLM's Transformers backend, no latent;
   the forced `<|latent_start|>` opens no span under drop and stays a plain token, as in the stock row);
 - `GAP plugin`: the plugin with spans and pca feedback;
@@ -18,7 +20,8 @@ Runs with the main environment (`make install`): it builds tiny (text width 128,
 The forcing processor runs after the plugin's span processor (vLLM applies `LLM(logits_processors=...)` after
 entry-point processors); the plugin's span state follows the tokens actually sampled, so the two compose. `spans`
 counts the spans opened (a start followed by a slot), `slots` the `<|latent_pad|>` tokens (the random weights also
-sample that token outside spans, where it is a plain token). Each row is timed `--repeats` times (default 3) and
+sample that token outside spans, where it is a plain token). Every vLLM row runs in vLLM's eager mode and in its
+compiled mode (the default: the decoder under torch.compile). Each row is timed `--repeats` times (default 3) and
 the fastest run is reported (all are kept in the JSON), in wall-clock tokens/s and in tokens per CPU-second of
 the process (engine and worker share it: `VLLM_ENABLE_V1_MULTIPROCESSING=0`), which a shared machine disturbs
 less; the vLLM systems of one checkpoint share the process and their runs alternate, so a change of load hits all
@@ -30,6 +33,7 @@ On a GPU: `make install-vllm VLLM=vllm==<version> TORCH=torch==<its torch>` then
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -42,6 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"tiny": dict(hidden_size=128, num_layers=2), "mid": dict(hidden_size=512, num_layers=8)}
 BATCHES = (8, 32)
+MODES = ("eager", "compiled")  # vLLM's enforce_eager=True / its default (torch.compile of the decoder)
 SPAN_EVERY = 32
 K = 8
 QUESTIONS = ["Describe the picture.", "What is two plus two?", "Name a colour.", "Count to five, please.",
@@ -112,7 +117,8 @@ def time_gap_generate(paths: dict, new_tokens: int, device: str, repeats: int) -
                     cpu_times.append(time.process_time() - cpu)
             generated = out[:, inputs["input_ids"].shape[1]:].tolist()
             counts = [count_spans(t, info["start_id"], info["pad_id"]) for t in generated]
-            rows.append(dict(size=name, batch=batch, system="GAP generate", tokens=sum(map(len, generated)),
+            rows.append(dict(size=name, batch=batch, mode="eager", system="GAP generate",
+                             tokens=sum(map(len, generated)),
                              seconds=min(times), all_seconds=times, cpu_seconds=min(cpu_times),
                              all_cpu_seconds=cpu_times, spans=sum(c[0] for c in counts),
                              slots=sum(c[1] for c in counts)))
@@ -162,42 +168,51 @@ def vllm_worker(paths: dict, new_tokens: int, repeats: int) -> list:
     import vllm
 
     rows = []
-    systems = (("stock vLLM", "stock", None), ("GAP plugin, no spans", "gap", {"latent_intervention": "drop"}),
+    # (a) the stock weights through the backend the plugin builds on (vLLM's Transformers backend); (b) vLLM's
+    # fastest path for them (its native Qwen2 module). The stock rows are text-only Qwen2 on the GAP model's decoder
+    # weights: vLLM's own Qwen2.5-VL module needs torchvision, which does not load here.
+    systems = (("stock, Transformers backend (a)", "stock-transformers", None),
+               ("stock, vLLM native (b)", "stock", None),
+               ("GAP plugin, no spans", "gap", {"latent_intervention": "drop"}),
                ("GAP plugin", "gap", None))
     for name, info in paths.items():
         SpanEvery.start_id = info["start_id"]
-        # One engine per checkpoint (the two GAP rows differ only in their per-request options), all alive at once
-        # so that the systems' runs interleave (round-robin) and share the machine's load.
-        engines = {kind: LLM(model=info[kind], dtype="float32", max_model_len=1024, max_num_seqs=max(BATCHES),
-                             seed=0, enforce_eager=True, enable_prefix_caching=False, block_size=32,
-                             kv_cache_memory_bytes=256 << 20, logits_processors=[SpanEvery])
-                   for kind in ("stock", "gap")}
-        for batch in BATCHES:
-            prompts = [info["prompts"][i % len(info["prompts"])] for i in range(batch)]
-            times, cpu_times, stats = {s: [] for s, _, _ in systems}, {s: [] for s, _, _ in systems}, {}
-            for system, kind, extra in systems:  # warm-up
-                engines[kind].generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
-                                                               extra_args=extra), use_tqdm=False)
-            for _ in range(repeats):
-                for system, kind, extra in systems:
-                    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True,
-                                            extra_args=extra)
-                    start, cpu = time.perf_counter(), time.process_time()
-                    outs = engines[kind].generate(prompts, params, use_tqdm=False)
-                    times[system].append(time.perf_counter() - start)
-                    cpu_times[system].append(time.process_time() - cpu)
-                    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-                    counts = [count_spans(list(o.outputs[0].token_ids), info["start_id"], info["pad_id"])
-                              for o in outs]
-                    print(system, batch, name, f"{times[system][-1]:.2f} s, CPU {cpu_times[system][-1]:.2f} s",
-                          flush=True)
-                    stats[system] = dict(size=name, batch=batch, system=system, tokens=tokens,
-                                         spans=sum(c[0] for c in counts), slots=sum(c[1] for c in counts),
-                                         vllm=vllm.__version__)
-            for system, _, _ in systems:
-                rows.append(dict(stats[system], seconds=min(times[system]), all_seconds=times[system],
-                                 cpu_seconds=min(cpu_times[system]), all_cpu_seconds=cpu_times[system]))
-        del engines
+        for mode in MODES:
+            # One engine per system kind, all alive at once so that the systems' runs interleave (round-robin) and
+            # share the machine's load; the two GAP rows differ only in their per-request options.
+            engines = {kind: LLM(model=info["gap" if kind == "gap" else "stock"], dtype="float32",
+                                 max_model_len=1024, max_num_seqs=max(BATCHES), seed=0, enforce_eager=mode == "eager",
+                                 enable_prefix_caching=False, block_size=32, kv_cache_memory_bytes=256 << 20,
+                                 logits_processors=[SpanEvery],
+                                 model_impl="transformers" if kind == "stock-transformers" else "auto")
+                       for kind in ("stock-transformers", "stock", "gap")}
+            for batch in BATCHES:
+                prompts = [info["prompts"][i % len(info["prompts"])] for i in range(batch)]
+                times, cpu_times, stats = {s: [] for s, _, _ in systems}, {s: [] for s, _, _ in systems}, {}
+                for system, kind, extra in systems:  # warm-up
+                    engines[kind].generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                                   extra_args=extra), use_tqdm=False)
+                for _ in range(repeats):
+                    for system, kind, extra in systems:
+                        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True,
+                                                extra_args=extra)
+                        start, cpu = time.perf_counter(), time.process_time()
+                        outs = engines[kind].generate(prompts, params, use_tqdm=False)
+                        times[system].append(time.perf_counter() - start)
+                        cpu_times[system].append(time.process_time() - cpu)
+                        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                        counts = [count_spans(list(o.outputs[0].token_ids), info["start_id"], info["pad_id"])
+                                  for o in outs]
+                        print(system, mode, batch, name,
+                              f"{times[system][-1]:.2f} s, CPU {cpu_times[system][-1]:.2f} s", flush=True)
+                        stats[system] = dict(size=name, batch=batch, mode=mode, system=system, tokens=tokens,
+                                             spans=sum(c[0] for c in counts), slots=sum(c[1] for c in counts),
+                                             vllm=vllm.__version__)
+                for system, _, _ in systems:
+                    rows.append(dict(stats[system], seconds=min(times[system]), all_seconds=times[system],
+                                     cpu_seconds=min(cpu_times[system]), all_cpu_seconds=cpu_times[system]))
+            del engines
+            gc.collect()
     return rows
 
 
@@ -244,15 +259,20 @@ def main():
                   started=started, new_tokens=args.new_tokens, span_every=SPAN_EVERY, k=K, repeats=args.repeats)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    stock = {(r["size"], r["batch"]): r for r in rows if r["system"] == "stock vLLM"}
-    print("| size | batch | system | tokens/s | x stock vLLM | tokens/CPU-s | x stock vLLM | spans | slots |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in sorted(rows, key=lambda r: (r["size"], r["batch"], r["system"])):
-        base = stock.get((row["size"], row["batch"]))
-        wall = row["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-        cpu = row["tokens_per_cpu_s"] / base["tokens_per_cpu_s"] if base else float("nan")
-        print(f"| {row['size']} | {row['batch']} | {row['system']} | {row['tokens_per_s']:.0f} | {wall:.2f} "
-              f"| {row['tokens_per_cpu_s']:.0f} | {cpu:.2f} | {row['spans']} | {row['slots']} |")
+    references = {}
+    for row in rows:
+        if row["system"].startswith("stock"):
+            references[(row["size"], row["batch"], row["mode"], row["system"][-3:])] = row
+    print("| size | batch | mode | system | tokens/s | x (a) | x (b) | tokens/CPU-s | spans | slots |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in sorted(rows, key=lambda r: (r["size"], r["batch"], r["mode"], r["system"])):
+        ratios = []
+        for ref in ("(a)", "(b)"):
+            # GAP generate (eager PyTorch) is compared with vLLM's eager references.
+            base = references.get((row["size"], row["batch"], row["mode"], ref))
+            ratios.append(row["tokens_per_s"] / base["tokens_per_s"] if base else float("nan"))
+        print(f"| {row['size']} | {row['batch']} | {row['mode']} | {row['system']} | {row['tokens_per_s']:.0f} "
+              f"| {ratios[0]:.2f} | {ratios[1]:.2f} | {row['tokens_per_cpu_s']:.0f} | {row['spans']} | {row['slots']} |")
     print("load average (1, 5, 15 min) at start / after vLLM / at end:", load)
 
 

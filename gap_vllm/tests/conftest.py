@@ -37,18 +37,30 @@ def fixtures(tmp_path_factory):
     return refs
 
 
-@pytest.fixture(scope="session")
-def llm(fixtures):
-    """One engine for the whole session: a KV cache of about 1,000 tokens, prefix caching off (GAP needs it off)."""
+ENGINE_MODES = {
+    # vLLM's eager mode.
+    "eager": dict(enforce_eager=True),
+    # vLLM's default on CPU: the backbone compiled (torch.compile); and chunked prefill with a small token budget,
+    # so prompts (and recomputed requests) arrive in chunks.
+    "compiled-chunked": dict(enforce_eager=False, max_num_batched_tokens=48),
+}
+
+
+@pytest.fixture(scope="module", params=list(ENGINE_MODES))
+def llm(fixtures, request):
+    """One engine per mode: a KV cache of about 1,000 tokens, prefix caching off (GAP needs it off)."""
+    import gc
+
     from vllm import LLM
 
     engine = LLM(
         model=fixtures["checkpoint"], dtype="float32", max_model_len=512, max_num_seqs=32, seed=0,
-        kv_cache_memory_bytes=KV_CACHE_BYTES, block_size=32, enforce_eager=True,
-        enable_prefix_caching=False, limit_mm_per_prompt={"image": 1},
+        kv_cache_memory_bytes=KV_CACHE_BYTES, block_size=32, enable_prefix_caching=False,
+        limit_mm_per_prompt={"image": 1}, **ENGINE_MODES[request.param],
     )
     yield engine
     del engine
+    gc.collect()
 
 
 def run(llm, prompts, n, **extra):
@@ -59,9 +71,10 @@ def run(llm, prompts, n, **extra):
     return [list(o.outputs[0].token_ids) for o in outputs], outputs
 
 
-def serving_state():
+def serving_state(llm):
     """The in-process engine's GAP serving state (`gap_vllm.spans.GapServing`)."""
-    from gap_vllm.spans import _SERVING
+    from gap_vllm.spans import serving_for
 
-    assert len(_SERVING) == 1, "expected one in-process engine"
-    return next(iter(_SERVING.values()))
+    serving = serving_for(llm.llm_engine.vllm_config)
+    assert serving is not None, "the engine's worker runs in another process (VLLM_ENABLE_V1_MULTIPROCESSING)"
+    return serving

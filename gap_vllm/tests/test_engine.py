@@ -1,4 +1,5 @@
-"""GAP served by vLLM (in-process engine, CPU, fp32, greedy) against GAP `generate`, token for token."""
+"""GAP served by vLLM (in-process engine, CPU, fp32, greedy) against GAP `generate`, token for token, in vLLM's eager
+mode and in its compiled mode with chunked prefill (`conftest.ENGINE_MODES`)."""
 
 import pytest
 from PIL import Image
@@ -89,7 +90,7 @@ def test_prompt_with_latent_slots_is_ended(llm, fixtures):
 def test_preemption_replays_latents(llm, fixtures):
     """24 requests need about twice the KV cache: vLLM preempts and recomputes some; their latent slots are fed
     the recorded latents again, so every output still equals GAP generate's."""
-    serving = serving_state()
+    serving = serving_state(llm)
     before = serving.resumed
     prompts, refs, extras = [], [], []
     from vllm import SamplingParams

@@ -36,7 +36,7 @@ from .latent_store import FEEDBACK_CODES, LatentStore, SpanTokens, token_layout
 from .processing import GapProcessingInfo
 from .spans import GapServing, eos_id
 
-logger = logging.getLogger("gap_vllm")
+logger = logging.getLogger("vllm.gap_vllm")
 
 
 def refuse_unsupported(vllm_config) -> None:

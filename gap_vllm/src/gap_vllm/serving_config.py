@@ -2,7 +2,7 @@
 
 import logging
 
-logger = logging.getLogger("gap_vllm")
+logger = logging.getLogger("vllm.gap_vllm")
 
 
 class GapServingConfig:

@@ -24,7 +24,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Logi
 from .config import FEEDBACK_MODES, INTERVENTIONS, SPAN_RULES, GapSpec
 from .latent_store import LatentStore, RequestOptions, SpanTokens
 
-logger = logging.getLogger("gap_vllm")
+logger = logging.getLogger("vllm.gap_vllm")
 
 OPTION_KEYS = ("latent_intervention", "max_latent_spans", "latent_feedback", "latent_span_rule", "latent_max_tokens")
 _SERVING: dict[str, "GapServing"] = {}
