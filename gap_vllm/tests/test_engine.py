@@ -73,17 +73,18 @@ def test_image_request(llm, fixtures):
     assert fixtures["ids"]["start"] in got[0]
 
 
-def test_prompt_with_latent_slots_is_ended(llm, fixtures):
-    """A prompt cannot carry latent vectors, so a prompt holding latent slots (a previous answer with its spans)
-    is ended at once instead of being fed plain slot-token embeddings."""
+def test_prompt_with_latent_slots_is_refused(llm, fixtures):
+    """A prompt cannot carry latent vectors, so a prompt holding latent slots (a previous answer with its spans) is
+    refused before it reaches the engine (the server answers 400), and the engine serves on."""
+    from vllm.exceptions import VLLMValidationError
     from vllm.inputs import TokensPrompt
 
     n = fixtures["max_new_tokens"]
     prompt = fixtures["prompts"][4]
     follow_up = llm.get_tokenizer().encode(prompt) + fixtures["cases"]["batch_pca"][4]
-    ended, _ = run(llm, [TokensPrompt(prompt_token_ids=follow_up)], n)
-    assert len(ended[0]) <= 1
-    again, _ = run(llm, [prompt], n)  # the engine serves on
+    with pytest.raises(VLLMValidationError, match="a prompt cannot carry latent vectors"):
+        run(llm, [TokensPrompt(prompt_token_ids=follow_up)], n)
+    again, _ = run(llm, [prompt], n)
     assert again[0] == fixtures["cases"]["batch_pca"][4]
 
 

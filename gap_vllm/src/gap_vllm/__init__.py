@@ -19,20 +19,19 @@ def register() -> None:
     """The `vllm.general_plugins` entry point (vLLM calls it in every process, possibly more than once)."""
     from transformers import AutoConfig, AutoModel
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from modeling_gap import GapQwen2_5VLConfig
 
     from .config import GapBackbone
+    from .serving_config import GapServingConfig, register_tokenizer_mode
 
     AutoConfig.register(MODEL_TYPE, GapQwen2_5VLConfig, exist_ok=True)
     # The Transformers backend builds the decoder with `AutoModel.from_config`: GAP's backbone is Qwen2.5-VL's.
     AutoModel.register(GapQwen2_5VLConfig, GapBackbone, exist_ok=True)
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
-
-    from .serving_config import GapServingConfig
-
-    # vLLM's per-architecture config hook (as for its own models): no full CUDA graphs over the GAP feed.
+    # vLLM's per-architecture config hook (as for its own models): piecewise CUDA graphs, the "gap" renderer.
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, GapServingConfig)
+    register_tokenizer_mode()  # "gap": vLLM's HF renderer that also refuses prompts holding latent slots
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "gap_vllm.model:GapQwen2_5VLForConditionalGeneration")
 

@@ -28,12 +28,12 @@ import torch
 from modeling_gap.modeling_gap import GapLatentHead
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.models.transformers import TransformersMultiModalForCausalLM
-from vllm.model_executor.models.transformers.multimodal import MultiModalDummyInputsBuilder, MultiModalProcessor
+from vllm.model_executor.models.transformers.multimodal import MultiModalDummyInputsBuilder
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .config import GapSpec
 from .latent_store import FEEDBACK_CODES, LatentStore, SpanTokens, token_layout
-from .processing import GapProcessingInfo
+from .processing import GapMultiModalProcessor, GapProcessingInfo
 from .spans import GapServing, eos_id
 
 logger = logging.getLogger("vllm.gap_vllm")
@@ -76,7 +76,7 @@ def _attention_metadata():
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    MultiModalProcessor,
+    GapMultiModalProcessor,
     info=GapProcessingInfo,
     dummy_inputs=MultiModalDummyInputsBuilder,
 )
@@ -96,6 +96,16 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         store = LatentStore(2 * max_rows, self.gap.latent_capacity, hf_config.text_config.hidden_size, tokens,
                             dtype=vllm_config.model_config.dtype, device=self.latent_head.proj.weight.device)
         self.serving = GapServing(self.gap, store, max_rows, tokens.eos, vllm_config)
+        # The per-step GAP code is many small tensor ops: in vLLM's compiled mode it is compiled too (a few fused
+        # kernels instead of ~150 launches a step), warmed up after loading so no request waits for it.
+        self._feed_step, self._record_step = self._feed, self._record
+        self._compiled = vllm_config.compilation_config.mode not in (None, 0) and \
+            getattr(vllm_config.compilation_config.mode, "name", "") != "NONE"
+        if self._compiled:
+            options = dict(fullgraph=True, dynamic=True)
+            self._feed_step = torch.compile(self._feed, **options)
+            self._record_step = torch.compile(self._record, **options)
+            self.serving.span_rule = torch.compile(store.apply_span_rule, **options)
         if not getattr(vllm_config, "use_v2_model_runner", False):
             log_serving_mode(vllm_config, self.serving, runner="V1")
 
@@ -123,17 +133,43 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         if self.gap.feedback == "ema_norm" and float(self.latent_head.ema_norm) == 0:
             logger.warning("gap_vllm: latent_feedback is 'ema_norm' but the head's ema_norm buffer is 0 "
                            "(uncalibrated): latents would be zero. Fit the head (fit_latent_head_pca) first.")
+        if self._compiled:
+            self._warm_up()
         return loaded
+
+    def _warm_up(self) -> None:
+        """Run the compiled GAP steps once per shape class (one row; several) on the scratch slot, which no request
+        uses: compilation happens at start, not in the first request."""
+        store = self.serving.store
+        device, hidden_size = store.device, store.hidden_size
+        vocab = self.config.get_text_config().vocab_size
+        dtype = self.latent_head.proj.weight.dtype
+        with torch.no_grad():
+            for tokens, rows in ((1, 1), (5, 3)):
+                ids = torch.zeros(tokens, dtype=torch.long, device=device)
+                slots = torch.full((tokens,), store.scratch, dtype=torch.long, device=device)
+                self._feed_step(ids, torch.zeros(tokens, hidden_size, dtype=dtype, device=device), slots,
+                                torch.zeros_like(ids), torch.zeros(tokens, dtype=torch.bool, device=device))
+                row_slot = torch.full((rows,), store.scratch, dtype=torch.long, device=device)
+                self._record_step(torch.zeros(rows, hidden_size, dtype=dtype, device=device), row_slot,
+                                  torch.zeros_like(row_slot))
+                self.serving.span_rule(torch.zeros(rows, vocab, dtype=torch.float32, device=device), row_slot)
 
     # ---- latent feedback ----------------------------------------------------------------------------------
     def feed(self, input_ids, inputs_embeds, token_slot, token_pos, valid):
         """Fold the step's tokens into the span state, then feed the latent slots (both in `LatentStore`)."""
+        return self._feed_step(input_ids, inputs_embeds, token_slot, token_pos, valid)
+
+    def record(self, hidden_states, row_slot, next_pos) -> None:
+        """The head's latent for each sampled row (every mode; the row's own is chosen in the store)."""
+        self._record_step(hidden_states, row_slot, next_pos)
+
+    def _feed(self, input_ids, inputs_embeds, token_slot, token_pos, valid):
         store = self.serving.store
         from_pending = store.fold(input_ids, token_slot, token_pos, valid)
         return store.feed(inputs_embeds, input_ids, token_slot, token_pos, valid, from_pending)
 
-    def record(self, hidden_states, row_slot, next_pos) -> None:
-        """The head's latent for each sampled row (every mode; the row's own is chosen in the store)."""
+    def _record(self, hidden_states, row_slot, next_pos) -> None:
         latents = torch.stack([self.latent_head(hidden_states, mode) for mode in FEEDBACK_CODES])
         self.serving.store.record(hidden_states, row_slot, next_pos, latents)
 

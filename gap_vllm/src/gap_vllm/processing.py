@@ -6,15 +6,43 @@ checkpoint saved by `GapQwen2_5VLProcessor`, looks for a video processor the che
 processor from the checkpoint's files as they are: the tokenizer vLLM loaded, transformers'
 `Qwen2VLImageProcessorPil` (PIL, no torchvision) configured from `processor_config.json` (or
 `preprocessor_config.json`), and the chat template.
+
+It also holds the frontend's request checks, which refuse before a request reaches the engine (HTTP 400 from the
+OpenAI server; `vllm.exceptions.VLLMValidationError`, a client error but not a `ValueError`, from `LLM.generate`):
+
+- `GapRenderer` (renderer / tokenizer mode `"gap"`, registered by `serving_config.register_tokenizer_mode()` in every
+  process and chosen for a GAP checkpoint by the architecture's config hook, `serving_config.GapServingConfig`):
+  vLLM validates every prompt's token ids with its renderer's `validate_token_ids` (text, token-id, chat and image
+  prompts alike), and GAP's refuses a prompt holding `<|latent_pad|>` slots: a prompt cannot carry latent vectors.
+- `GapMultiModalProcessor`: the same refusal for prompts with images, whatever the tokenizer mode (vLLM runs the
+  multimodal processor only for prompts that carry multimodal data).
+- `refuse_structured_outputs(sampling_params)`: structured output (grammar / JSON schema) would fight the span rule;
+  for a logits processor's `validate_params`, active only in a process whose engine serves a GAP model.
 """
 
 import functools
 import json
+import threading
+import weakref
 
 from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import cached_file
-from vllm.model_executor.models.transformers.multimodal import MultiModalProcessingInfo
+from vllm.exceptions import VLLMValidationError
+from vllm.model_executor.models.transformers.multimodal import MultiModalProcessingInfo, MultiModalProcessor
+from vllm.renderers.hf import HfRenderer
+
+LATENT_PROMPT_ERROR = (
+    "a prompt cannot carry latent vectors: send the text without its latent spans (this prompt holds {count} "
+    "<|latent_pad|> slot token(s), id {pad_id}, at position(s) {positions}; a prompt may end in <|latent_start|> "
+    "to open a span, which the model then fills)"
+)
+STRUCTURED_OUTPUT_ERROR = (
+    "GAP checkpoints cannot be served with structured output (structured_outputs / guided decoding / "
+    "response_format json_schema, json_object, regex, grammar, choice): the grammar mask would fight the latent "
+    "span rule (a span's slots and end token are forced). Send the request without the structured output "
+    "constraint."
+)
 
 _IMAGE_PROCESSOR_KEYS = (
     "do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std", "merge_size",
@@ -89,3 +117,84 @@ class GapProcessingInfo(MultiModalProcessingInfo):
 
     def get_supported_mm_limits(self):
         return {"image": None}
+
+
+def latent_pad_token_id(hf_config) -> int | None:
+    """The id of `<|latent_pad|>` in a GAP config (None for any other model)."""
+    if getattr(hf_config, "latent_start_token_id", None) is None or not hasattr(hf_config, "num_latent_tokens"):
+        return None
+    return getattr(hf_config, "latent_pad_token_id", None)
+
+
+def check_prompt_token_ids(token_ids, pad_id: int | None, parameter: str | None = "prompt") -> None:
+    """Raise `VLLMValidationError` (HTTP 400) if a prompt holds `<|latent_pad|>` slot tokens."""
+    if pad_id is None or not token_ids:
+        return
+    positions = [i for i, t in enumerate(token_ids) if t == pad_id]
+    if positions:
+        shown = ", ".join(map(str, positions[:8])) + (", ..." if len(positions) > 8 else "")
+        raise VLLMValidationError(
+            LATENT_PROMPT_ERROR.format(count=len(positions), pad_id=pad_id, positions=shown),
+            parameter=parameter,
+        )
+
+
+# Engines in this process whose frontend serves a GAP model (a `GapRenderer` or GAP's multimodal processor was
+# built for them): the one piece of model context a logits processor's `validate_params(sampling_params)` can use.
+_GAP_FRONTENDS: "weakref.WeakSet" = weakref.WeakSet()
+_GAP_FRONTENDS_LOCK = threading.Lock()
+
+
+def _mark_gap_frontend(owner) -> None:
+    with _GAP_FRONTENDS_LOCK:
+        _GAP_FRONTENDS.add(owner)
+
+
+def serves_gap_model() -> bool:
+    """Whether a GAP model's frontend (renderer or multimodal processor) lives in this process."""
+    with _GAP_FRONTENDS_LOCK:
+        return len(_GAP_FRONTENDS) > 0
+
+
+def refuse_structured_outputs(sampling_params) -> None:
+    """For `validate_params`: raise `VLLMValidationError` if a request to a GAP model asks for structured output.
+
+    `validate_params` gets the sampling parameters only, no model: the check applies in a process that built a GAP
+    frontend (the API server of a GAP model, or a Python process holding a GAP `LLM`), and nowhere else, so vLLM with
+    the plugin installed serves other models, structured output included, as without it (a process that holds a GAP
+    `LLM` and another model's `LLM` at once refuses structured output for both).
+    """
+    if getattr(sampling_params, "structured_outputs", None) is not None and serves_gap_model():
+        raise VLLMValidationError(STRUCTURED_OUTPUT_ERROR, parameter="structured_outputs")
+
+
+class GapMultiModalProcessor(MultiModalProcessor):
+    """The Transformers backend's multimodal processor; refuses a prompt (with images) that holds latent slots.
+
+    vLLM runs it only for prompts with multimodal data; text-only prompts are checked by `GapRenderer`."""
+
+    def __init__(self, info, *args, **kwargs):
+        super().__init__(info, *args, **kwargs)
+        self._gap_pad_id = latent_pad_token_id(info.ctx.model_config.hf_config)
+        if self._gap_pad_id is not None:
+            _mark_gap_frontend(self)
+
+    def apply(self, inputs, timing_ctx):
+        result = super().apply(inputs, timing_ctx)
+        check_prompt_token_ids(result.get("prompt_token_ids"), self._gap_pad_id)
+        return result
+
+
+class GapRenderer(HfRenderer):
+    """vLLM's HF renderer, and a prompt holding `<|latent_pad|>` slots is refused (`validate_token_ids`, which vLLM's
+    input processor calls on every prompt's token ids before the request is sent to the engine)."""
+
+    def __init__(self, config, tokenizer) -> None:
+        super().__init__(config, tokenizer)
+        self._gap_pad_id = latent_pad_token_id(config.model_config.hf_config)
+        if self._gap_pad_id is not None:
+            _mark_gap_frontend(self)
+
+    def validate_token_ids(self, token_ids, *, parameter: str | None = None) -> None:
+        super().validate_token_ids(token_ids, parameter=parameter)
+        check_prompt_token_ids(token_ids, self._gap_pad_id, parameter=parameter or "prompt")

@@ -23,6 +23,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Logi
 
 from .config import FEEDBACK_MODES, INTERVENTIONS, SPAN_RULES, GapSpec
 from .latent_store import LatentStore, RequestOptions, SpanTokens
+from .processing import refuse_structured_outputs
 
 logger = logging.getLogger("vllm.gap_vllm")
 
@@ -89,6 +90,7 @@ class GapServing:
 
     def __init__(self, spec: GapSpec, store: LatentStore, max_rows: int, eos: int, vllm_config):
         self.spec, self.store = spec, store
+        self.span_rule = store.apply_span_rule  # compiled by the model in vLLM's compiled mode
         scratch = torch.full((max_rows,), store.scratch, dtype=torch.long, device=store.device)
         self.row_slot = scratch  # V1: persistent-batch row -> slot
         self.index_to_slot = scratch.clone()  # V2: request-state index -> slot
@@ -149,6 +151,7 @@ class GapLatentSpanProcessor(V1LogitsProcessor, V2LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params):
         parse_options(getattr(sampling_params, "extra_args", None))
+        refuse_structured_outputs(sampling_params)
 
     def __init__(self, vllm_config, *runner_args):
         self.vllm_config = vllm_config
@@ -181,7 +184,7 @@ class GapLatentSpanProcessor(V1LogitsProcessor, V2LogitsProcessor):
             row_slot = serving.row_slot[: logits.shape[0]]
         else:  # V2: rows map to request-state indices
             row_slot = serving.index_to_slot[ctx.expanded_idx_mapping]
-        return serving.store.apply_span_rule(logits, row_slot)
+        return serving.span_rule(logits, row_slot)
 
 
 def _is_gap(hf_config) -> bool:
