@@ -30,6 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
     "7b": dict(hidden_size=3584, num_layers=28, head_dim=128, vocab_size=152064, intermediate_size=18944,
@@ -42,9 +46,46 @@ SYSTEMS = {"stock (b)": dict(kind="stock", eager=False), "GAP plugin": dict(kind
            "GAP plugin, eager": dict(kind="gap", eager=True)}
 
 
-def build_checkpoints(root: Path, shape: str, dtype: str) -> dict:
-    import torch
+class SpanEvery(V1LogitsProcessor, V2LogitsProcessor):
+    """Force `<|latent_start|>` every SPAN_EVERY generated tokens, on either runner (V1: the output lists;
+    V2: each row's position, all prompts being PROMPT_LENGTH long)."""
 
+    def __init__(self, vllm_config, *runner_args):
+        self.start_id = int(os.environ["GAP_BENCH_START_ID"])
+        self.outputs = {}
+
+    def is_argmax_invariant(self):
+        return False
+
+    def update_state(self, batch_update):
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.outputs.pop(index, None)
+        for index, _, _, output in batch_update.added:
+            self.outputs[index] = output
+        for a, b, direction in batch_update.moved:
+            if direction.name == "SWAP":
+                self.outputs[a], self.outputs[b] = self.outputs.get(b), self.outputs.get(a)
+            else:
+                self.outputs[b] = self.outputs.pop(a, None)
+
+    def apply(self, logits, ctx=None):
+        if ctx is None:
+            rows = [i for i, out in self.outputs.items()
+                    if out and len(out) % SPAN_EVERY == 0 and i < logits.shape[0]]
+            force = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+            force[rows] = True
+        else:
+            generated = ctx.pos + 1 - PROMPT_LENGTH
+            force = (generated > 0) & (generated % SPAN_EVERY == 0)
+        start = logits[:, self.start_id].clone()
+        logits.masked_fill_(force[:, None], float("-inf"))
+        logits[:, self.start_id] = torch.where(force, torch.zeros_like(start), start)
+        return logits
+
+
+def build_checkpoints(root: Path, shape: str, dtype: str) -> dict:
     sys.path.insert(0, str(REPO / "gap_vllm" / "tests"))
     from make_fixtures import save_stock_text_model
 
@@ -78,59 +119,20 @@ def run_system(paths: dict, system: str, batches: list, new_tokens: int, repeats
     """One system in this process (`--system`): timings and tokens per batch."""
     import random
 
-    import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-    from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
-    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
-
-    class SpanEvery(V1LogitsProcessor, V2LogitsProcessor):
-        """Force `<|latent_start|>` every SPAN_EVERY generated tokens, on either runner (V1: the output lists;
-        V2: each row's position, all prompts being PROMPT_LENGTH long)."""
-
-        def __init__(self, vllm_config, *runner_args):
-            self.start_id = int(os.environ["GAP_BENCH_START_ID"])
-            self.outputs = {}
-
-        def is_argmax_invariant(self):
-            return False
-
-        def update_state(self, batch_update):
-            if batch_update is None:
-                return
-            for index in batch_update.removed:
-                self.outputs.pop(index, None)
-            for index, _, _, output in batch_update.added:
-                self.outputs[index] = output
-            for a, b, direction in batch_update.moved:
-                if direction.name == "SWAP":
-                    self.outputs[a], self.outputs[b] = self.outputs.get(b), self.outputs.get(a)
-                else:
-                    self.outputs[b] = self.outputs.pop(a, None)
-
-        def apply(self, logits, ctx=None):
-            if ctx is None:
-                rows = [i for i, out in self.outputs.items()
-                        if out and len(out) % SPAN_EVERY == 0 and i < logits.shape[0]]
-                force = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-                force[rows] = True
-            else:
-                generated = ctx.pos + 1 - PROMPT_LENGTH
-                force = (generated > 0) & (generated % SPAN_EVERY == 0)
-            start = logits[:, self.start_id].clone()
-            logits.masked_fill_(force[:, None], float("-inf"))
-            logits[:, self.start_id] = torch.where(force, torch.zeros_like(start), start)
-            return logits
 
     os.environ["GAP_BENCH_START_ID"] = str(paths["start_id"])
     spec = SYSTEMS[system]
     engine = LLM(model=paths[spec["kind"]], dtype=dtype, max_model_len=1024, max_num_seqs=max(batches), seed=0,
-                 enforce_eager=spec["eager"], enable_prefix_caching=False, logits_processors=[SpanEvery],
+                 enforce_eager=spec["eager"], enable_prefix_caching=False,
+                 logits_processors=["vllm_serving_gpu:SpanEvery"],  # by name: the engine runs in another process
                  gpu_memory_utilization=0.8)
     config = engine.llm_engine.vllm_config
     compilation = config.compilation_config
     result = dict(system=system, runner="V2" if getattr(config, "use_v2_model_runner", False) else "V1",
-                  compilation=str(compilation.mode), cudagraph_mode=str(compilation.cudagraph_mode),
+                  compilation=getattr(compilation.mode, "name", str(compilation.mode)),
+                  cudagraph_mode=getattr(compilation.cudagraph_mode, "name", str(compilation.cudagraph_mode)),
                   async_scheduling=bool(config.scheduler_config.async_scheduling), rows=[])
     rng = random.Random(0)
     vocab = min(paths["vocab"], 300)  # ordinary token ids of the tiny tokenizer (no special or latent tokens)
@@ -178,7 +180,9 @@ def main():
         for index, system in enumerate(SYSTEMS):
             subprocess.run([sys.executable, __file__, "--system", system, "--paths", str(spec), "--dtype", args.dtype,
                             "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--batches",
-                            *map(str, args.batches)], check=True)
+                            *map(str, args.batches)], check=True,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "benchmarks"),
+                                                                             os.environ.get("PYTHONPATH", "")])})
             results.append(json.loads(Path(f"{spec}.{index}.json").read_text()))
     eager = {row["batch"]: row["tokens"] for row in results[-1]["rows"]}
     stock = {row["batch"]: row["tokens_per_s"] for row in results[0]["rows"]}

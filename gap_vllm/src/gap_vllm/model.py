@@ -144,30 +144,37 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         device, hidden_size = store.device, store.hidden_size
         vocab = self.config.get_text_config().vocab_size
         dtype = self.latent_head.proj.weight.dtype
-        with torch.no_grad():
+        # As vLLM calls them (dispatch keys and dtypes are part of the compiled code's guards): int32 ids,
+        # query_start_loc and seq_lens, all views of persistent buffers taken under inference mode; fresh logits.
+        # (Buffers of distinct sizes: equal sizes would make the compiler assume them equal.)
+        ids, qsl, seq_lens = (torch.zeros(n, dtype=torch.int32, device=device) for n in (13, 11, 10))
+        embeds = torch.zeros(12, hidden_size, dtype=dtype, device=device)
+        row_slot = torch.full((9,), store.scratch, dtype=torch.long, device=device)
+        with torch.inference_mode():
             for tokens, rows in ((1, 1), (5, 3)):
-                ids = torch.zeros(tokens, dtype=torch.long, device=device)
-                slots = torch.full((tokens,), store.scratch, dtype=torch.long, device=device)
-                self._feed_step(ids, torch.zeros(tokens, hidden_size, dtype=dtype, device=device), slots,
-                                torch.zeros_like(ids), torch.zeros(tokens, dtype=torch.bool, device=device))
-                row_slot = torch.full((rows,), store.scratch, dtype=torch.long, device=device)
-                self._record_step(torch.zeros(rows, hidden_size, dtype=dtype, device=device), row_slot,
-                                  torch.zeros_like(row_slot))
-                self.serving.span_rule(torch.zeros(rows, vocab, dtype=torch.float32, device=device), row_slot)
+                # No token is valid (query_start_loc all 0): nothing but the scratch slot is written.
+                self._feed_step(ids[:tokens], embeds[:tokens], qsl[: rows + 1], seq_lens[:rows], row_slot[:rows])
+                hidden = torch.zeros(rows, hidden_size, dtype=dtype, device=device)  # sampled rows: a fresh gather
+                self._record_step(hidden, row_slot[:rows], seq_lens[:rows])
+                self.serving.span_rule(torch.zeros(rows, vocab, dtype=torch.float32, device=device), row_slot[:rows])
 
     # ---- latent feedback ----------------------------------------------------------------------------------
-    def feed(self, input_ids, inputs_embeds, token_slot, token_pos, valid):
-        """Fold the step's tokens into the span state, then feed the latent slots (both in `LatentStore`)."""
-        return self._feed_step(input_ids, inputs_embeds, token_slot, token_pos, valid)
+    def feed(self, input_ids, inputs_embeds, query_start_loc, seq_lens, row_slot):
+        """(N, H) embeddings -> (N, H) with the latent slots fed, after folding the step's tokens into the span
+        state (`LatentStore.fold`, `.feed`). query_start_loc (R+1,), seq_lens (R,): the batch's layout; row_slot
+        (R,): each row's store slot."""
+        return self._feed_step(input_ids, inputs_embeds, query_start_loc, seq_lens, row_slot)
 
     def record(self, hidden_states, row_slot, next_pos) -> None:
         """The head's latent for each sampled row (every mode; the row's own is chosen in the store)."""
         self._record_step(hidden_states, row_slot, next_pos)
 
-    def _feed(self, input_ids, inputs_embeds, token_slot, token_pos, valid):
+    def _feed(self, input_ids, inputs_embeds, query_start_loc, seq_lens, row_slot):
         store = self.serving.store
-        from_pending = store.fold(input_ids, token_slot, token_pos, valid)
-        return store.feed(inputs_embeds, input_ids, token_slot, token_pos, valid, from_pending)
+        row, pos, valid = token_layout(query_start_loc, seq_lens, input_ids.shape[0])
+        slot = row_slot[row]
+        from_pending = store.fold(input_ids, slot, pos, valid)
+        return store.feed(inputs_embeds, input_ids, slot, pos, valid, from_pending)
 
     def _record(self, hidden_states, row_slot, next_pos) -> None:
         latents = torch.stack([self.latent_head(hidden_states, mode) for mode in FEEDBACK_CODES])
@@ -180,10 +187,9 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
             metadata = _attention_metadata()
             if metadata is not None:
                 num_rows = metadata.query_start_loc.shape[0] - 1
-                seq_lens = metadata.seq_lens[:num_rows]
-                row, pos, valid = token_layout(metadata.query_start_loc, seq_lens, input_ids.shape[0])
-                inputs_embeds = self.feed(input_ids, inputs_embeds, serving.row_slot[row], pos, valid)
-                serving.record_rows = (serving.row_slot[:num_rows], seq_lens)
+                seq_lens, row_slot = metadata.seq_lens[:num_rows], serving.row_slot[:num_rows]
+                inputs_embeds = self.feed(input_ids, inputs_embeds, metadata.query_start_loc, seq_lens, row_slot)
+                serving.record_rows = (row_slot, seq_lens)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def compute_logits(self, hidden_states, *args, **kwargs):
@@ -226,11 +232,14 @@ def gap_model_state_cls():
             inputs_embeds = super().prepare_inputs_embeds(scheduled_encoder_inputs, input_batch, req_states)
             num_tokens, num_reqs = input_batch.num_tokens, input_batch.num_reqs
             seq_lens = input_batch.seq_lens[:num_reqs]
-            row, pos, valid = token_layout(input_batch.query_start_loc[: num_reqs + 1], seq_lens, num_tokens)
-            slot = self.serving.index_to_slot[input_batch.idx_mapping[row]]
+            # Into a persistent buffer (the V1 map's), so the compiled steps see the same kind of tensor on both
+            # runners (a view of a persistent buffer).
+            row_slot = self.serving.row_slot[:num_reqs]
+            row_slot.copy_(self.serving.index_to_slot[input_batch.idx_mapping[:num_reqs]])
             inputs_embeds[:num_tokens] = self.model.feed(
-                input_batch.input_ids[:num_tokens], inputs_embeds[:num_tokens], slot, pos, valid)
-            self.serving.record_rows = (self.serving.index_to_slot[input_batch.expanded_idx_mapping], seq_lens)
+                input_batch.input_ids[:num_tokens], inputs_embeds[:num_tokens],
+                input_batch.query_start_loc[: num_reqs + 1], seq_lens, row_slot)
+            self.serving.record_rows = (row_slot, seq_lens)  # one logits row per request: no speculative decoding
             return inputs_embeds
 
     return GapModelState
