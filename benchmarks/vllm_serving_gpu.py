@@ -3,22 +3,26 @@
     pip install vllm -e . -e ./gap_vllm            # or: make install-vllm VLLM=vllm==<version> TORCH=torch==<its>
     python benchmarks/vllm_serving_gpu.py --out outputs/vllm_serving_gpu.json
 
-Builds two random checkpoints of Qwen2.5-VL-7B's text shapes (width 3584, 28 layers, 28 heads / 4 KV heads of 128,
-MLP 18944, vocabulary 152064; a tiny vision tower: no images are sent), bf16: the GAP checkpoint, and the stock text
-Qwen2 of the same decoder weights, which vLLM serves through its native Qwen2 module (reference (b), vLLM's fastest
-path for these weights). Then, each system in its own process, for batch 1 / 8 / 32, prompts of 64 token ids and
+Builds random checkpoints of Qwen2.5-VL-7B's text shapes (width 3584, 28 layers, 28 heads / 4 KV heads of 128, MLP
+18944, vocabulary 152064; a tiny vision tower: no images are sent), bf16, about 50 GB on disk in all: the stock
+Qwen2.5-VL checkpoint, the GAP checkpoint converted from it, and the stock text Qwen2 of the same decoder weights,
+which vLLM serves through its native Qwen2 module (reference (b), vLLM's fastest path for these weights). Then,
+each system in its own process, for batch 1 / 8 / 32, prompts of 64 token ids and
 128 new tokens per row (ignore_eos, greedy), a span of K = 8 forced every 32 positions (a logits processor with
 both runners' interfaces forces `<|latent_start|>`; the plugin's span rule forces the slots and the end token):
 
 - `stock (b)`: vLLM's defaults (Model Runner V2 where Triton is present, torch.compile, CUDA graphs, async
   scheduling), the same forced token, no latents;
+- `stock Qwen2.5-VL, vLLM native` / `..., Transformers backend (a)`: the stock weights through vLLM's own
+  Qwen2.5-VL module (it needs torchvision) and through the backend the plugin builds on: which backbone is faster;
 - `GAP plugin`: the GAP checkpoint with vLLM's defaults (the plugin turns full CUDA graphs into piecewise ones);
 - `GAP plugin, eager`: `enforce_eager=True`, the tokens the defaults must equal.
 
 Each row is timed `--repeats` times after a warm-up and the fastest is reported, in tokens/s, with the runner, the
 compilation and CUDA-graph modes and async scheduling as the engine reports them, and whether the plugin's tokens
 equal the eager run's (bf16 on random weights: a near-tie can flip a greedy token; the first differing position
-of each row is recorded). `--shape tiny --dtype float32` runs the same on a CPU (the V1 runner) in a few minutes.
+of each row is recorded). `--shape tiny --dtype float32 --systems "stock (b)" "GAP plugin" "GAP plugin, eager"` runs on a CPU (the V1 runner, no
+torchvision) in a few minutes.
 """
 
 import argparse
@@ -42,7 +46,12 @@ SHAPES = {
     "tiny": dict(hidden_size=128, num_layers=2, head_dim=64),
 }
 PROMPT_LENGTH, SPAN_EVERY, K = 64, 32, 8
-SYSTEMS = {"stock (b)": dict(kind="stock", eager=False), "GAP plugin": dict(kind="gap", eager=False),
+SYSTEMS = {"stock (b)": dict(kind="stock", eager=False),
+           # The backbone question: vLLM's native Qwen2.5-VL module (needs torchvision) against its Transformers
+           # backend (what the plugin builds on), both on the stock Qwen2.5-VL weights.
+           "stock Qwen2.5-VL, vLLM native": dict(kind="stock-vl", eager=False),
+           "stock Qwen2.5-VL, Transformers backend (a)": dict(kind="stock-vl", eager=False, impl="transformers"),
+           "GAP plugin": dict(kind="gap", eager=False),
            "GAP plugin, eager": dict(kind="gap", eager=True)}
 
 
@@ -105,9 +114,14 @@ def build_checkpoints(root: Path, shape: str, dtype: str) -> dict:
                                                                   head_dim=head_dim, **size)
         processor = GapQwen2_5VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                           chat_template=CHAT_TEMPLATE)
+        stock_vl = root / "stock-vl"
+        model.to(getattr(torch, dtype)).save_pretrained(stock_vl)  # before the conversion: the stock checkpoint
+        tokenizer.save_pretrained(stock_vl)
+        image_processor.save_pretrained(stock_vl)
         model, processor = from_qwen2_5_vl(model, processor, num_latent_tokens=K, latent_feedback="pca")
     model = model.to(getattr(torch, dtype))
-    paths = dict(gap=str(root / "gap"), stock=str(root / "stock-text"), start_id=model.config.latent_start_token_id,
+    paths = dict(gap=str(root / "gap"), stock=str(root / "stock-text"), **{"stock-vl": str(root / "stock-vl")},
+                 start_id=model.config.latent_start_token_id,
                  pad_id=model.config.latent_pad_token_id, vocab=tokenizer.vocab_size)
     model.save_pretrained(paths["gap"])
     processor.save_pretrained(paths["gap"])
@@ -125,7 +139,7 @@ def run_system(paths: dict, system: str, batches: list, new_tokens: int, repeats
     os.environ["GAP_BENCH_START_ID"] = str(paths["start_id"])
     spec = SYSTEMS[system]
     engine = LLM(model=paths[spec["kind"]], dtype=dtype, max_model_len=1024, max_num_seqs=max(batches), seed=0,
-                 enforce_eager=spec["eager"], enable_prefix_caching=False,
+                 enforce_eager=spec["eager"], enable_prefix_caching=False, model_impl=spec.get("impl", "auto"),
                  logits_processors=["vllm_serving_gpu:SpanEvery"],  # by name: the engine runs in another process
                  gpu_memory_utilization=0.8)
     config = engine.llm_engine.vllm_config
@@ -164,6 +178,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "outputs" / "vllm_serving_gpu.json"))
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS),
+                        help="which rows to run (the stock Qwen2.5-VL rows need torchvision)")
     parser.add_argument("--system", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,19 +194,21 @@ def main():
         spec.write_text(json.dumps(paths))
         results = []
         for index, system in enumerate(SYSTEMS):
+            if system not in args.systems:
+                continue
             subprocess.run([sys.executable, __file__, "--system", system, "--paths", str(spec), "--dtype", args.dtype,
                             "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--batches",
                             *map(str, args.batches)], check=True,
                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "benchmarks"),
                                                                              os.environ.get("PYTHONPATH", "")])})
             results.append(json.loads(Path(f"{spec}.{index}.json").read_text()))
-    eager = {row["batch"]: row["tokens"] for row in results[-1]["rows"]}
-    stock = {row["batch"]: row["tokens_per_s"] for row in results[0]["rows"]}
+    eager = {row["batch"]: row["tokens"] for r in results if r["system"] == "GAP plugin, eager" for row in r["rows"]}
+    stock = {row["batch"]: row["tokens_per_s"] for r in results if r["system"] == "stock (b)" for row in r["rows"]}
     print("| system | runner | compilation | CUDA graphs | async | batch | tokens/s | x (b) | tokens = eager |")
     print("|---|---|---|---|---|---|---|---|---|")
     for result in results:
         for row in result["rows"]:
-            if result["system"].startswith("GAP"):
+            if result["system"].startswith("GAP") and row["batch"] in eager:
                 mismatches = [next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
                               for got, ref in zip(row["tokens"], eager[row["batch"]])]
                 row["first_difference_vs_eager"] = mismatches
@@ -199,7 +217,7 @@ def main():
                 equal = "-"
             print(f"| {result['system']} | {result['runner']} | {result['compilation']} | {result['cudagraph_mode']} "
                   f"| {result['async_scheduling']} | {row['batch']} | {row['tokens_per_s']:.0f} "
-                  f"| {row['tokens_per_s'] / stock[row['batch']]:.2f} | {equal} |")
+                  f"| {row['tokens_per_s'] / stock.get(row['batch'], float('nan')):.2f} | {equal} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(shape=args.shape, dtype=args.dtype, results=results), indent=1))
 

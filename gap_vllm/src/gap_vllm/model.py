@@ -99,6 +99,7 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         # The per-step GAP code is many small tensor ops: in vLLM's compiled mode it is compiled too (a few fused
         # kernels instead of ~150 launches a step), warmed up after loading so no request waits for it.
         self._feed_step, self._record_step = self._feed, self._record
+        self.serving.record_and_rule = self._record_and_rule
         self._compiled = vllm_config.compilation_config.mode not in (None, 0) and \
             getattr(vllm_config.compilation_config.mode, "name", "") != "NONE"
         if self._compiled:
@@ -106,6 +107,8 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
             self._feed_step = torch.compile(self._feed, **options)
             self._record_step = torch.compile(self._record, **options)
             self.serving.span_rule = torch.compile(store.apply_span_rule, **options)
+            # Record and span rule in one call (the usual path: see `compute_logits`).
+            self.serving.record_and_rule = torch.compile(self._record_and_rule, **options)
         if not getattr(vllm_config, "use_v2_model_runner", False):
             log_serving_mode(vllm_config, self.serving, runner="V1")
 
@@ -156,7 +159,9 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
                 self._feed_step(ids[:tokens], embeds[:tokens], qsl[: rows + 1], seq_lens[:rows], row_slot[:rows])
                 hidden = torch.zeros(rows, hidden_size, dtype=dtype, device=device)  # sampled rows: a fresh gather
                 self._record_step(hidden, row_slot[:rows], seq_lens[:rows])
-                self.serving.span_rule(torch.zeros(rows, vocab, dtype=torch.float32, device=device), row_slot[:rows])
+                logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
+                self.serving.span_rule(logits, row_slot[:rows])
+                self.serving.record_and_rule(logits, row_slot[:rows], hidden, row_slot[:rows], seq_lens[:rows])
 
     # ---- latent feedback ----------------------------------------------------------------------------------
     def feed(self, input_ids, inputs_embeds, query_start_loc, seq_lens, row_slot):
@@ -180,6 +185,10 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         latents = torch.stack([self.latent_head(hidden_states, mode) for mode in FEEDBACK_CODES])
         self.serving.store.record(hidden_states, row_slot, next_pos, latents)
 
+    def _record_and_rule(self, logits, row_slot, hidden_states, record_slot, next_pos):
+        self._record(hidden_states, record_slot, next_pos)
+        return self.serving.store.apply_span_rule(logits, row_slot)
+
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         serving = self.serving
         if serving.step_armed and input_ids is not None and inputs_embeds is not None and intermediate_tensors is None:
@@ -193,10 +202,14 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def compute_logits(self, hidden_states, *args, **kwargs):
-        rows = self.serving.record_rows
+        serving = self.serving
+        rows = serving.record_rows
         if rows is not None and hidden_states.shape[0] == rows[0].shape[0]:
-            self.serving.record_rows = None
-            self.record(hidden_states, *rows)
+            serving.record_rows = None
+            if serving.pending_record is not None:  # a step whose span rule never ran: record it alone
+                self.record(*serving.pending_record)
+            # The span processor records these rows together with the span rule (one call, not two).
+            serving.pending_record = (hidden_states, *rows)
         return super().compute_logits(hidden_states, *args, **kwargs)
 
     @classmethod

@@ -85,12 +85,15 @@ class GapServing:
     persistent-batch rows; V2: request-state indices) to store slots, as device tensors.
 
     `record_rows` arms the next `compute_logits` (the one whose rows the sampler uses): the model sets it where a
-    real step starts (V1: the forward after the processor's `update_state`; V2: `prepare_inputs_embeds`), and the
-    record consumes it, so prompt-logprob and dummy calls record nothing."""
+    real step starts (V1: the forward after the processor's `update_state`; V2: `prepare_inputs_embeds`), and
+    `compute_logits` consumes it, so prompt-logprob and dummy calls record nothing. It hands the sampled rows' hidden
+    states on as `pending_record`, which the span processor records together with the span rule."""
 
     def __init__(self, spec: GapSpec, store: LatentStore, max_rows: int, eos: int, vllm_config):
         self.spec, self.store = spec, store
         self.span_rule = store.apply_span_rule  # compiled by the model in vLLM's compiled mode
+        self.record_and_rule = None  # the model's record + span rule in one call
+        self.pending_record: tuple | None = None  # (hidden states, slots, next positions) of the sampled rows
         scratch = torch.full((max_rows,), store.scratch, dtype=torch.long, device=store.device)
         self.row_slot = scratch  # V1: persistent-batch row -> slot
         self.index_to_slot = scratch.clone()  # V2: request-state index -> slot
@@ -184,6 +187,9 @@ class GapLatentSpanProcessor(V1LogitsProcessor, V2LogitsProcessor):
             row_slot = serving.row_slot[: logits.shape[0]]
         else:  # V2: rows map to request-state indices
             row_slot = serving.index_to_slot[ctx.expanded_idx_mapping]
+        pending, serving.pending_record = serving.pending_record, None
+        if pending is not None and serving.record_and_rule is not None:
+            return serving.record_and_rule(logits, row_slot, *pending)
         return serving.span_rule(logits, row_slot)
 
 
