@@ -11,7 +11,8 @@ vector and span state per request slot); the model only adapts vLLM's hooks to i
   row -> slot map the span processor keeps; V2: in `GapModelState.prepare_inputs_embeds`, from the input batch's
   `idx_mapping`): the new tokens are folded into the span state, then every `<|latent_pad|>` slot takes the vector
   recorded for its sequence position (the history, else the pending vector);
-- **record** (in `compute_logits`, armed once per step, on the rows the sampler uses): the head's latent (the
+- **record** (after the forward, on the rows the sampler uses: `compute_logits`, armed once per step, hands their
+  hidden states to the span processor, which records and applies the span rule in one call): the head's latent (the
   request's feedback mode and intervention, chosen per row by tensor ops) becomes the slot's pending vector for the
   next position.
 
@@ -100,8 +101,7 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         # kernels instead of ~150 launches a step), warmed up after loading so no request waits for it.
         self._feed_step, self._record_step = self._feed, self._record
         self.serving.record_and_rule = self._record_and_rule
-        self._compiled = vllm_config.compilation_config.mode not in (None, 0) and \
-            getattr(vllm_config.compilation_config.mode, "name", "") != "NONE"
+        self._compiled = vllm_config.compilation_config.mode not in (None, 0)  # 0: CompilationMode.NONE (eager)
         if self._compiled:
             options = dict(fullgraph=True, dynamic=True)
             self._feed_step = torch.compile(self._feed, **options)

@@ -183,10 +183,9 @@ class GapLatentSpanProcessor(V1LogitsProcessor, V2LogitsProcessor):
         serving = self.serving()
         if serving is None:
             return logits
-        if ctx is None:  # V1: logits rows are persistent-batch rows
-            row_slot = serving.row_slot[: logits.shape[0]]
-        else:  # V2: rows map to request-state indices
-            row_slot = serving.index_to_slot[ctx.expanded_idx_mapping]
+        row_slot = serving.row_slot[: logits.shape[0]]  # V1: logits rows are persistent-batch rows
+        if ctx is not None:  # V2: rows map to request-state indices (into the same persistent buffer, which the
+            row_slot.copy_(serving.index_to_slot[ctx.expanded_idx_mapping])  # compiled step was warmed up with)
         pending, serving.pending_record = serving.pending_record, None
         if pending is not None and serving.record_and_rule is not None:
             return serving.record_and_rule(logits, row_slot, *pending)
