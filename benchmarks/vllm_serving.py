@@ -129,41 +129,11 @@ def time_gap_generate(paths: dict, new_tokens: int, device: str, repeats: int) -
 # ---- vLLM environment ------------------------------------------------------------------------------------------
 def vllm_worker(paths: dict, new_tokens: int, repeats: int) -> list:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    import torch
     from vllm import LLM, SamplingParams
-    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+    # Forces <|latent_start|> every SPAN_EVERY generated tokens (both runners' interfaces), in the stock and GAP runs.
+    from vllm_serving_gpu import SPAN_EVERY as GPU_SPAN_EVERY, SpanEvery
 
-    class SpanEvery(LogitsProcessor):
-        """Force the span-start token every SPAN_EVERY generated positions (both stock and GAP runs)."""
-
-        start_id = None
-
-        def __init__(self, vllm_config, device, is_pin_memory):
-            self.outputs = {}
-
-        def is_argmax_invariant(self):
-            return False
-
-        def update_state(self, batch_update: BatchUpdate | None):
-            if batch_update is None:
-                return
-            for index in batch_update.removed:
-                self.outputs.pop(index, None)
-            for index, _, _, output in batch_update.added:
-                self.outputs[index] = output
-            for a, b, direction in batch_update.moved:
-                if direction.name == "SWAP":
-                    self.outputs[a], self.outputs[b] = self.outputs.get(b), self.outputs.get(a)
-                else:
-                    self.outputs[b] = self.outputs.pop(a, None)
-
-        def apply(self, logits: torch.Tensor) -> torch.Tensor:
-            rows = [i for i, out in self.outputs.items()
-                    if out is not None and out and len(out) % SPAN_EVERY == 0 and i < logits.shape[0]]
-            if rows:
-                logits[rows] = -float("inf")
-                logits[rows, self.start_id] = 0
-            return logits
+    assert GPU_SPAN_EVERY == SPAN_EVERY
 
     import vllm
 
@@ -176,7 +146,7 @@ def vllm_worker(paths: dict, new_tokens: int, repeats: int) -> list:
                ("GAP plugin, no spans", "gap", {"latent_intervention": "drop"}),
                ("GAP plugin", "gap", None))
     for name, info in paths.items():
-        SpanEvery.start_id = info["start_id"]
+        os.environ["GAP_BENCH_START_ID"] = str(info["start_id"])  # read by SpanEvery when an engine builds it
         for mode in MODES:
             # One engine per system kind, all alive at once so that the systems' runs interleave (round-robin) and
             # share the machine's load; the two GAP rows differ only in their per-request options.

@@ -128,3 +128,27 @@ def test_serving_reads_the_packages_config_and_uses_its_head():
     config.serving_latents_per_request = 40
     assert GapSpec.from_hf_config(config).latent_capacity == 40
     assert gap_vllm.model.GapLatentHead is GapLatentHead
+
+
+def test_v1_rows_filled_by_condense_release_their_request(gap_config):
+    """vLLM's `condense` moves the last row into a removed one and leaves that index out of `BatchUpdate.removed`
+    (its `pop_removed`): the request that row held has left the batch and must give its slot back (the engine fuzz
+    ran out of slots when it did not)."""
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+    from vllm import SamplingParams
+
+    state = serving(gap_config)
+    try:
+        params = [SamplingParams(temperature=0) for _ in range(4)]
+        state.update_v1(BatchUpdate(batch_size=4, removed=[], moved=[],
+                                    added=[(i, p, [1, 2], []) for i, p in enumerate(params)]))
+        table = state.store.slot_table
+        assert len(table.live) == 4
+        # Row 1 finished; condense moved row 3 into it (index 1 popped from `removed`).
+        state.update_v1(BatchUpdate(batch_size=3, removed=[], added=[],
+                                    moved=[(3, 1, MoveDirectionality.UNIDIRECTIONAL)]))
+        assert set(table.live) == {id(params[0]), id(params[2]), id(params[3])}
+        assert id(params[1]) in table.parked
+        assert state.row_slot[:3].tolist() == [table.live[id(p)] for p in (params[0], params[3], params[2])]
+    finally:
+        _SERVING.pop(gap_config.instance_id, None)

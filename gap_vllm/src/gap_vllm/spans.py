@@ -136,6 +136,10 @@ class GapServing:
                 keys[a], keys[b] = keys[b], keys[a]
                 slots[a], slots[b] = slots[b], slots[a]
             else:
+                # vLLM fills a removed row by moving the last one into it (`condense`) and then leaves that row out
+                # of `removed`: the request it held has left the batch.
+                if keys[b] is not None and keys[b] != keys[a]:
+                    store.release(keys[b])
                 keys[b], slots[b] = keys[a], slots[a]
                 keys[a], slots[a] = None, store.scratch
         for index in range(batch_update.batch_size, len(keys)):
