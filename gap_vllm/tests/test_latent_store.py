@@ -9,6 +9,7 @@ padded batches, rows in shuffled order) and checks every fed vector and every sa
 reference of GAP generate's span rule.
 """
 
+import itertools
 import random
 
 import pytest
@@ -30,21 +31,18 @@ def options(**kw):
     return RequestOptions(**{**base, **kw})
 
 
-def step(store, token_ids, token_slot, token_pos, valid, embeds, hidden, row_slot, next_pos, logits):
+def step(store, token_ids, embeds, query_start_loc, seq_lens, row_slot, hidden, logits):
     """One runner step: fold + feed before the forward, record + span rule after it."""
-    from_pending = store.fold(token_ids, token_slot, token_pos, valid)
-    fed = store.feed(embeds, token_ids, token_slot, token_pos, valid, from_pending)
-    store.record(hidden, row_slot, next_pos, torch.stack([hidden, 2 * hidden, 3 * hidden]))
+    fed = store.feed_step(token_ids, embeds, query_start_loc, seq_lens, row_slot)
+    store.record(hidden, row_slot, seq_lens, torch.stack([hidden, 2 * hidden, 3 * hidden]))
     return fed, store.apply_span_rule(logits, row_slot)
 
 
-def example_inputs(store, num_tokens=6, rows=2):
-    slot = torch.tensor([0, 0, 0, 1, 1, store.scratch])[:num_tokens]
-    pos = torch.tensor([3, 4, 5, 0, 1, 0])[:num_tokens]
-    ids = torch.tensor([1, START, PAD, 3, 4, 0])[:num_tokens]
-    valid = torch.tensor([True, True, True, True, True, False])[:num_tokens]
-    return (ids, slot, pos, valid, torch.randn(num_tokens, HIDDEN), torch.randn(rows, HIDDEN),
-            torch.tensor([0, 1]), torch.tensor([6, 2]), torch.randn(rows, VOCAB))
+def example_inputs(store):
+    """Row 0 (slot 0): positions 3-5, row 1 (slot 1): positions 0-1, then a padding token."""
+    ids = torch.tensor([1, START, PAD, 3, 4, 0])
+    return (ids, torch.randn(6, HIDDEN), torch.tensor([0, 3, 5]), torch.tensor([6, 2]), torch.tensor([0, 1]),
+            torch.randn(2, HIDDEN), torch.randn(2, VOCAB))
 
 
 def fresh_store(**kw):
@@ -86,8 +84,8 @@ def test_traced_step_replays_after_the_buffers_change():
     step(traced_store, *[t.clone() for t in inputs])
     step(eager_store, *[t.clone() for t in inputs])
     later = list(example_inputs(traced_store))
-    later[0] = torch.tensor([PAD, 5, 6, PAD, 7, 0])  # different tokens
-    later[2] = torch.tensor([6, 7, 8, 2, 3, 0])
+    later[0] = torch.tensor([PAD, 5, PAD, PAD, 7, 0])  # different tokens, a longer sequence
+    later[3] = torch.tensor([9, 2])
     got = graph(*[t.clone() for t in later])
     expected = step(eager_store, *[t.clone() for t in later])
     for e, g in zip(expected, got):
@@ -186,7 +184,7 @@ def test_fuzz_batch_changes_against_reference(seed):
             continue
         rng.shuffle(live)  # rows in any order (moves)
         # Schedule: each live request gets a chunk of its not-yet-computed tokens (chunked prefill) or one decode.
-        ids, slots, positions, rows = [], [], [], []
+        ids, slots, positions, rows, chunks = [], [], [], [], []
         for rid in live:
             req = requests[rid]
             sequence = req["prompt"] + req["output"]
@@ -197,14 +195,18 @@ def test_fuzz_batch_changes_against_reference(seed):
             positions += list(chunk)
             req["computed"] += n
             rows.append((rid, req["computed"]))
+            chunks.append(n)
         padding = rng.randint(0, 3)
         token_ids = torch.tensor(ids + [0] * padding)
-        token_slot = torch.tensor(slots + [0] * padding)
-        token_pos = torch.tensor(positions + [0] * padding)
-        valid = torch.tensor([True] * len(ids) + [False] * padding)
+        query_start_loc = torch.tensor([0] + list(itertools.accumulate(chunks)))
+        seq_lens = torch.tensor([n for _, n in rows])
+        row_slot = torch.tensor([requests[rid]["slot"] for rid, _ in rows])
+        empty_rows = rng.randint(0, 2)  # padded rows (no tokens, the scratch slot), as a runner may add
+        query_start_loc = torch.cat([query_start_loc, query_start_loc[-1:].repeat(empty_rows)])
+        seq_lens = torch.cat([seq_lens, torch.zeros(empty_rows, dtype=torch.long)])
+        row_slot = torch.cat([row_slot, torch.full((empty_rows,), store.scratch)])
         embeds = embedding[token_ids]
-        from_pending = store.fold(token_ids, token_slot, token_pos, valid)
-        fed = store.feed(embeds.clone(), token_ids, token_slot, token_pos, valid, from_pending)
+        fed = store.feed_step(token_ids, embeds.clone(), query_start_loc, seq_lens, row_slot)
         # Check every token's input against the reference.
         for i, (token, slot, position) in enumerate(zip(ids, slots, positions)):
             rid = next(r for r in live if requests[r]["slot"] == slot)
@@ -254,10 +256,9 @@ def test_span_rule_blocks_and_forces():
     capped = store.admit("capped", options(max_spans=0), [1, 2])
     opened = store.admit("open", options(), [1, START])
     bad = store.admit("bad", options(), [1, PAD, 3])
-    ids = torch.tensor([1, 2, 1, 2, 1, START, 1, PAD, 3])
-    slot = torch.tensor([drop] * 2 + [capped] * 2 + [opened] * 2 + [bad] * 3)
-    pos = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 2])
-    store.fold(ids, slot, pos, torch.ones(9, dtype=torch.bool))
+    ids = torch.tensor([1, 2, 1, 2, 1, START, 1, PAD, 3])  # the prompts, prefilled
+    store.feed_step(ids, torch.zeros(9, HIDDEN), torch.tensor([0, 2, 4, 6, 9]), torch.tensor([2, 2, 2, 3]),
+                    torch.tensor([drop, capped, opened, bad]))
     logits = store.apply_span_rule(torch.zeros(4, VOCAB), torch.tensor([drop, capped, opened, bad]))
     assert logits[0, START] == float("-inf") and logits[1, START] == float("-inf")
     assert logits[2].argmax() == PAD and torch.isinf(logits[2]).sum() == VOCAB - 1

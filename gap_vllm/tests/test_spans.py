@@ -32,7 +32,7 @@ def serving(vllm_config):
     spec = GapSpec.from_hf_config(vllm_config.model_config.hf_config)
     tokens = SpanTokens(pad=spec.pad_id, start=spec.start_id, end=spec.end_id, eos=0)
     store = LatentStore(8, spec.latent_capacity, vllm_config.model_config.hf_config.text_config.hidden_size, tokens)
-    return GapServing(spec, store, 4, 0, vllm_config)
+    return GapServing(spec, store, 4, vllm_config)
 
 
 def test_entry_point_loads_in_both_runners():
@@ -76,11 +76,10 @@ def test_v1_and_v2_interfaces_apply_the_same_rule(gap_config):
                                        added=[(0, opened, [1, 2, spec.start_id], []), (1, dropped, [1, 2], [])]))
         assert v2[0].add_request(0, opened) and v2[0].add_request(1, dropped)
         state.index_to_slot[:2] = state.row_slot[:2]  # V2's model state maps its request indices to the same slots
-        ids = torch.tensor([1, 2, spec.start_id, 1, 2])
-        slots = torch.tensor([0, 0, 0, 1, 1])
-        slots = state.row_slot[slots]
-        state.store.fold(ids, slots, torch.tensor([0, 1, 2, 0, 1]), torch.ones(5, dtype=torch.bool))
-        assert state.store.state[slots[0], SLOTS_LEFT] == spec.num_latent_tokens
+        ids = torch.tensor([1, 2, spec.start_id, 1, 2])  # the prompts, prefilled
+        state.store.feed_step(ids, torch.zeros(5, state.store.hidden_size), torch.tensor([0, 3, 5]),
+                              torch.tensor([3, 2]), state.row_slot[:2])
+        assert state.store.state[state.row_slot[0], SLOTS_LEFT] == spec.num_latent_tokens
         logits = torch.randn(2, 400)
         logits[:, spec.start_id] += 10
         got_v1 = v1[0].apply(logits.clone())

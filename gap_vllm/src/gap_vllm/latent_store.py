@@ -34,8 +34,8 @@ INTERVENTION_CODES = {None: 0, "zero": 1, "drop": 2}
 
 # Columns of `LatentStore.state`.
 (PROMPT_LEN, FOLDED, SLOTS_LEFT, END_DUE, SPANS, INVALID, EVICTED, FEEDBACK, INTERVENTION, MAX_SPANS,
- MAX_LATENTS, SAMPLED_END, GREEDY, COUNT, PENDING_POS, IS_SLOT) = range(16)
-NUM_FIELDS = 16
+ MAX_LATENTS, SAMPLED_END, GREEDY, COUNT, PENDING_POS) = range(15)
+NUM_FIELDS = 15
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,9 @@ class LatentStore:
         row[PROMPT_LEN] = len(prompt)
         row[FOLDED] = -1
         row[INVALID] = int(tokens.pad in prompt)
+        # The prompt's spans, and a prompt ending in <|latent_start|> opens one (the fold sees output tokens only).
+        row[SPANS] = prompt.count(tokens.start)
+        row[SLOTS_LEFT] = options.max_latents if prompt and prompt[-1] == tokens.start else 0
         # A request that has output with latent slots but no history lost it (its slot was reused): end it.
         row[EVICTED] = int(bool(output) and tokens.pad in output)
         row[FEEDBACK] = FEEDBACK_CODES[options.feedback]
@@ -155,98 +158,84 @@ class LatentStore:
         self.vector_pos.index_fill_(0, index, -1)
 
     # ---- per step (device, fixed shapes) -----------------------------------------------------------------------
-    def can_open(self, slots: torch.Tensor) -> torch.Tensor:
-        """(n,) slots -> (n,) bool: may a `<|latent_start|>` open a span now (`drop`, `max_latent_spans`, and room
-        for a whole span in the history)."""
-        state = self.state[slots]
+    def _can_open(self, state: torch.Tensor) -> torch.Tensor:
+        """(n, NUM_FIELDS) gathered state rows -> (n,) bool: may a `<|latent_start|>` open a span now (`drop`,
+        `max_latent_spans`, and room for a whole span in the history)."""
         max_spans = state[:, MAX_SPANS]
         return ((state[:, INTERVENTION] != INTERVENTION_CODES["drop"])
                 & ((max_spans < 0) | (state[:, SPANS] < max_spans))
                 & (state[:, COUNT] + state[:, MAX_LATENTS] <= self.capacity))
 
-    def fold(self, token_ids: torch.Tensor, token_slot: torch.Tensor, token_pos: torch.Tensor,
-             valid: torch.Tensor) -> torch.Tensor:
-        """Fold this forward's tokens into the span state (GAP generate's rule) and return `(N,) bool`: which tokens
-        are latent slots to be fed from the pending vector.
+    def fold(self, token_ids: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+             row_slot: torch.Tensor) -> torch.Tensor:
+        """Fold this forward's new output tokens into the span state (GAP generate's rule) and return `(R,) bool`:
+        which rows' new token is a latent slot (to be fed the pending vector).
 
-        token_ids, token_slot, token_pos, valid: (N,) the flattened batch's tokens, their request slots, sequence
-        positions, and which are real (padding: False). A token is folded once (positions above the slot's
-        `FOLDED` mark): prompt tokens give the prompt's span count and whether it ends in `<|latent_start|>`; an
-        output token (at most one new per request and step) advances the span state machine."""
-        tokens, rows = self.tokens, self.state.shape[0]
-        slot = torch.where(valid, token_slot, torch.full_like(token_slot, self.scratch))
-        state = self.state[slot]
-        new = valid & (token_pos > state[:, FOLDED])
-        prompt_len = state[:, PROMPT_LEN]
-        is_prompt = new & (token_pos < prompt_len)
-        is_output = new & ~is_prompt
-        zeros = torch.zeros(rows, dtype=torch.long, device=slot.device)
-
-        def per_slot_sum(values: torch.Tensor) -> torch.Tensor:
-            return zeros.index_add(0, slot, values.long())
-
-        def per_slot_max(values: torch.Tensor, empty: int) -> torch.Tensor:
-            return torch.full_like(zeros, empty).scatter_reduce(0, slot, values.long(), "amax", include_self=True)
-
-        # The prompt: spans counted, latent slots in it (refused at the frontend; ended here if one gets through).
-        prompt_starts = per_slot_sum(is_prompt & (token_ids == tokens.start))
-        prompt_pads = per_slot_sum(is_prompt & (token_ids == tokens.pad))
-        last_prompt = is_prompt & (token_pos == prompt_len - 1)
-        prompt_done = per_slot_sum(last_prompt) > 0
-        prompt_opens = per_slot_sum(last_prompt & (token_ids == tokens.start)) > 0
-        # One new output token per slot: the state machine.
-        has_output = per_slot_sum(is_output) > 0
-        output_token = per_slot_max(torch.where(is_output, token_ids, torch.full_like(token_ids, -1)), -1)
-        folded = per_slot_max(torch.where(valid, token_pos, torch.full_like(token_pos, -1)), -1)
-
-        all_slots = torch.arange(rows, device=slot.device)
-        current = self.state
-        slots_left, end_due, spans = current[:, SLOTS_LEFT], current[:, END_DUE] > 0, current[:, SPANS]
-        max_latents = current[:, MAX_LATENTS]
+        token_ids: (N,) the flattened batch; query_start_loc (R+1,), seq_lens (R,): its layout (rows may be empty:
+        padding); row_slot (R,): each row's store slot. A request has at most one output token that no forward has
+        seen (the last one sampled), and it ends its sequence, so only each row's last token can be new: it is
+        folded when it lies past the prompt (whose spans `admit` counted) and past the slot's `FOLDED` mark (a
+        replayed prefix is not folded again)."""
+        tokens = self.tokens
+        num_rows = seq_lens.shape[0]
+        ends = query_start_loc[1:num_rows + 1]
+        row_valid = ends > query_start_loc[:num_rows]
+        token = token_ids[(ends - 1).clamp(min=0)].long()
+        position = seq_lens.long() - 1
+        state = self.state[row_slot]
+        folded = state[:, FOLDED]
+        has_output = row_valid & (position >= state[:, PROMPT_LEN]) & (position > folded)
+        slots_left, end_due = state[:, SLOTS_LEFT], state[:, END_DUE] > 0
+        zeros = torch.zeros_like(slots_left)
         in_span = slots_left > 0
-        is_pad = output_token == tokens.pad
+        is_pad = token == tokens.pad
         is_slot = has_output & in_span & is_pad
-        opens = has_output & ~in_span & ~end_due & (output_token == tokens.start) & self.can_open(all_slots)
-        out_slots = torch.where(in_span, torch.where(is_pad, slots_left - 1, zeros), torch.where(opens, max_latents, zeros))
-        out_end_due = in_span & is_pad & (slots_left == 1)
-        new_slots_left = torch.where(has_output, out_slots, slots_left)
-        new_end_due = torch.where(has_output, out_end_due, end_due)
-        # A prompt's last token sets the state (a prompt ending in <|latent_start|> opens a span).
-        new_slots_left = torch.where(prompt_done, torch.where(prompt_opens, max_latents, zeros), new_slots_left)
-        new_end_due = new_end_due & ~prompt_done
+        opens = has_output & ~in_span & ~end_due & (token == tokens.start) & self._can_open(state)
+        out_slots = torch.where(in_span, torch.where(is_pad, slots_left - 1, zeros),
+                                torch.where(opens, state[:, MAX_LATENTS], zeros))
         updated = torch.stack([
-            new_slots_left, new_end_due.long(), spans + prompt_starts + opens.long(),
-            current[:, INVALID] | (prompt_pads > 0).long(), torch.maximum(current[:, FOLDED], folded),
-            is_slot.long(),
+            torch.where(has_output, out_slots, slots_left),
+            torch.where(has_output, in_span & is_pad & (slots_left == 1), end_due).long(),
+            state[:, SPANS] + opens.long(),
+            torch.where(row_valid, torch.maximum(folded, position), folded),
         ], dim=1)
-        columns = torch.tensor([SLOTS_LEFT, END_DUE, SPANS, INVALID, FOLDED, IS_SLOT], device=slot.device)
-        self.state.index_copy_(1, columns, updated)
-        return is_output & self.state[slot, IS_SLOT].bool()
+        columns = torch.tensor([SLOTS_LEFT, END_DUE, SPANS, FOLDED], device=row_slot.device)
+        self.state[row_slot[:, None], columns[None, :]] = updated  # padded rows all write the scratch slot
+        return is_slot
 
-    def feed(self, inputs_embeds: torch.Tensor, token_ids: torch.Tensor, token_slot: torch.Tensor,
-             token_pos: torch.Tensor, valid: torch.Tensor, fed_from_pending: torch.Tensor) -> torch.Tensor:
+    def feed(self, inputs_embeds: torch.Tensor, token_ids: torch.Tensor, query_start_loc: torch.Tensor,
+             seq_lens: torch.Tensor, row_slot: torch.Tensor, row_is_slot: torch.Tensor) -> torch.Tensor:
         """(N, H) embeddings -> (N, H) with every latent slot's vector in place: the history's vector for its
-        position, else (`fed_from_pending`, from `fold`) the pending vector, which then joins the history."""
-        slot = torch.where(valid, token_slot, torch.full_like(token_slot, self.scratch))
+        position (a replayed prefix), else, for a row's new slot token (`row_is_slot`, from `fold`), the pending
+        vector recorded for that position, which then joins the history."""
+        row, position, valid = token_layout(query_start_loc, seq_lens, token_ids.shape[0])
+        slot = torch.where(valid, row_slot[row], torch.full_like(row, self.scratch))
         is_pad = valid & (token_ids == self.tokens.pad)
-        matches = (self.vector_pos[slot] == token_pos[:, None]) & is_pad[:, None]  # (N, L)
+        matches = (self.vector_pos[slot] == position[:, None]) & is_pad[:, None]  # (N, L)
         from_history = matches.any(dim=1)
         history_index = matches.long().argmax(dim=1)
-        state = self.state[slot]
-        from_pending = fed_from_pending & ~from_history & (state[:, PENDING_POS] == token_pos)
+        # A new position is in no history (history positions have all been folded), so the pending vector is the
+        # only candidate there.
+        row_position = seq_lens.long() - 1
+        commit = row_is_slot & (self.state[row_slot, PENDING_POS] == row_position)  # (R,)
+        from_pending = valid & commit[row] & (position == row_position[row])
         vectors = torch.where(from_history[:, None], self.vectors[slot, history_index], self.pending_vector[slot])
         fed = (from_history | from_pending)[:, None]
         inputs_embeds = torch.where(fed, vectors.to(inputs_embeds.dtype), inputs_embeds)
-        # The pending vector joins the history of each slot that was fed it.
-        rows = self.state.shape[0]
-        commit = torch.zeros(rows, dtype=torch.long, device=slot.device).index_add(0, slot, from_pending.long()) > 0
-        all_slots = torch.arange(rows, device=slot.device)
-        count = self.state[:, COUNT]
+        # The pending vector joins the history of each row that was fed it.
+        count = self.state[row_slot, COUNT]
         at = count.clamp(max=self.capacity - 1)
-        self.vectors[all_slots, at] = torch.where(commit[:, None], self.pending_vector, self.vectors[all_slots, at])
-        self.vector_pos[all_slots, at] = torch.where(commit, self.state[:, PENDING_POS], self.vector_pos[all_slots, at])
-        self.state[:, COUNT] = count + commit.long()
+        self.vectors[row_slot, at] = torch.where(commit[:, None], self.pending_vector[row_slot],
+                                                 self.vectors[row_slot, at])
+        self.vector_pos[row_slot, at] = torch.where(commit, row_position, self.vector_pos[row_slot, at])
+        self.state[row_slot, COUNT] = count + commit.long()
         return inputs_embeds
+
+    def feed_step(self, token_ids: torch.Tensor, inputs_embeds: torch.Tensor, query_start_loc: torch.Tensor,
+                  seq_lens: torch.Tensor, row_slot: torch.Tensor) -> torch.Tensor:
+        """One forward's feed: `fold`, then `feed` (shapes there)."""
+        row_is_slot = self.fold(token_ids, query_start_loc, seq_lens, row_slot)
+        return self.feed(inputs_embeds, token_ids, query_start_loc, seq_lens, row_slot, row_is_slot)
 
     def record(self, hidden_states: torch.Tensor, row_slot: torch.Tensor, next_pos: torch.Tensor,
                latents_by_mode: torch.Tensor) -> None:
@@ -284,7 +273,7 @@ class LatentStore:
         in_span = (slots_left > 0) & ~ended
         sampled_end = in_span & (state[:, SAMPLED_END] > 0)
         greedy = state[:, GREEDY] > 0
-        blocked = ~in_span & ~end_due & ~ended & ~self.can_open(row_slot)
+        blocked = ~in_span & ~end_due & ~ended & ~self._can_open(state)
         minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
 
         logits[:, tokens.start] = torch.where(blocked, minus_inf, logits[:, tokens.start])

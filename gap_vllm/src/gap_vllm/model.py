@@ -33,7 +33,7 @@ from vllm.model_executor.models.transformers.multimodal import MultiModalDummyIn
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .config import GapSpec
-from .latent_store import FEEDBACK_CODES, LatentStore, SpanTokens, token_layout
+from .latent_store import FEEDBACK_CODES, LatentStore, SpanTokens
 from .processing import GapMultiModalProcessor, GapProcessingInfo
 from .spans import GapServing, eos_id
 
@@ -96,19 +96,20 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         # Twice the batch: requests out of the batch (preempted or finished) keep their slot until it is needed.
         store = LatentStore(2 * max_rows, self.gap.latent_capacity, hf_config.text_config.hidden_size, tokens,
                             dtype=vllm_config.model_config.dtype, device=self.latent_head.proj.weight.device)
-        self.serving = GapServing(self.gap, store, max_rows, tokens.eos, vllm_config)
+        self.serving = GapServing(self.gap, store, max_rows, vllm_config)
         # The per-step GAP code is many small tensor ops: in vLLM's compiled mode it is compiled too (a few fused
         # kernels instead of ~150 launches a step), warmed up after loading so no request waits for it.
-        self._feed_step, self._record_step = self._feed, self._record
-        self.serving.record_and_rule = self._record_and_rule
+        self._feed_step, self._record_step = store.feed_step, self._record
+        self._record_and_feed_step = self._record_and_feed
+        self.serving.flush_record = self.flush_record
         self._compiled = vllm_config.compilation_config.mode not in (None, 0)  # 0: CompilationMode.NONE (eager)
         if self._compiled:
+            # The two calls of a step: the previous step's record with this one's feed (see `compute_logits`), and
+            # the span rule. A feed with nothing held and a record flushed before an admission run eagerly (steps
+            # that admit a request, which are prefill steps anyway).
             options = dict(fullgraph=True, dynamic=True)
-            self._feed_step = torch.compile(self._feed, **options)
-            self._record_step = torch.compile(self._record, **options)
+            self._record_and_feed_step = torch.compile(self._record_and_feed, **options)
             self.serving.span_rule = torch.compile(store.apply_span_rule, **options)
-            # Record and span rule in one call (the usual path: see `compute_logits`).
-            self.serving.record_and_rule = torch.compile(self._record_and_rule, **options)
         if not getattr(vllm_config, "use_v2_model_runner", False):
             log_serving_mode(vllm_config, self.serving, runner="V1")
 
@@ -153,41 +154,44 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         ids, qsl, seq_lens = (torch.zeros(n, dtype=torch.int32, device=device) for n in (13, 11, 10))
         embeds = torch.zeros(12, hidden_size, dtype=dtype, device=device)
         row_slot = torch.full((9,), store.scratch, dtype=torch.long, device=device)
+        serving = self.serving
         with torch.inference_mode():
-            for tokens, rows in ((1, 1), (5, 3)):
-                # No token is valid (query_start_loc all 0): nothing but the scratch slot is written.
-                self._feed_step(ids[:tokens], embeds[:tokens], qsl[: rows + 1], seq_lens[:rows], row_slot[:rows])
-                hidden = torch.zeros(rows, hidden_size, dtype=dtype, device=device)  # sampled rows: a fresh gather
-                self._record_step(hidden, row_slot[:rows], seq_lens[:rows])
+            for tokens, rows, recorded in ((1, 1, 1), (5, 3, 2)):
+                # No token is valid (query_start_loc all 0) and every slot is the scratch one: nothing else is
+                # written.
+                step = (ids[:tokens], embeds[:tokens], qsl[: rows + 1], seq_lens[:rows], row_slot[:rows])
+                self._record_and_feed_step(*serving.recorded_rows(recorded), *step)
                 logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
-                self.serving.span_rule(logits, row_slot[:rows])
-                self.serving.record_and_rule(logits, row_slot[:rows], hidden, row_slot[:rows], seq_lens[:rows])
+                serving.span_rule(logits, row_slot[:rows])
 
     # ---- latent feedback ----------------------------------------------------------------------------------
     def feed(self, input_ids, inputs_embeds, query_start_loc, seq_lens, row_slot):
-        """(N, H) embeddings -> (N, H) with the latent slots fed, after folding the step's tokens into the span
-        state (`LatentStore.fold`, `.feed`). query_start_loc (R+1,), seq_lens (R,): the batch's layout; row_slot
-        (R,): each row's store slot."""
+        """(N, H) embeddings -> (N, H) with the latent slots fed (`LatentStore.feed_step`), after recording the
+        previous step's sampled rows if that is still due (`GapServing.hold_record`). query_start_loc (R+1,),
+        seq_lens (R,): the batch's layout; row_slot (R,): each row's store slot."""
+        serving = self.serving
+        if serving.recorded:
+            recorded, serving.recorded = serving.recorded_rows(serving.recorded), 0
+            return self._record_and_feed_step(*recorded, input_ids, inputs_embeds, query_start_loc, seq_lens,
+                                              row_slot)
         return self._feed_step(input_ids, inputs_embeds, query_start_loc, seq_lens, row_slot)
 
-    def record(self, hidden_states, row_slot, next_pos) -> None:
-        """The head's latent for each sampled row (every mode; the row's own is chosen in the store)."""
-        self._record_step(hidden_states, row_slot, next_pos)
-
-    def _feed(self, input_ids, inputs_embeds, query_start_loc, seq_lens, row_slot):
-        store = self.serving.store
-        row, pos, valid = token_layout(query_start_loc, seq_lens, input_ids.shape[0])
-        slot = row_slot[row]
-        from_pending = store.fold(input_ids, slot, pos, valid)
-        return store.feed(inputs_embeds, input_ids, slot, pos, valid, from_pending)
+    def flush_record(self) -> None:
+        """Record the held rows now (before a request takes a slot: the held rows may name a slot it reuses)."""
+        serving = self.serving
+        if serving.recorded:
+            recorded, serving.recorded = serving.recorded_rows(serving.recorded), 0
+            self._record_step(*recorded)
 
     def _record(self, hidden_states, row_slot, next_pos) -> None:
+        """The head's latent for each sampled row (every mode; the row's own is chosen in the store)."""
         latents = torch.stack([self.latent_head(hidden_states, mode) for mode in FEEDBACK_CODES])
         self.serving.store.record(hidden_states, row_slot, next_pos, latents)
 
-    def _record_and_rule(self, logits, row_slot, hidden_states, record_slot, next_pos):
+    def _record_and_feed(self, hidden_states, record_slot, next_pos, input_ids, inputs_embeds, query_start_loc,
+                         seq_lens, row_slot):
         self._record(hidden_states, record_slot, next_pos)
-        return self.serving.store.apply_span_rule(logits, row_slot)
+        return self.serving.store.feed_step(input_ids, inputs_embeds, query_start_loc, seq_lens, row_slot)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         serving = self.serving
@@ -199,17 +203,43 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
                 seq_lens, row_slot = metadata.seq_lens[:num_rows], serving.row_slot[:num_rows]
                 inputs_embeds = self.feed(input_ids, inputs_embeds, metadata.query_start_loc, seq_lens, row_slot)
                 serving.record_rows = (row_slot, seq_lens)
+        if inputs_embeds is not None and intermediate_tensors is None and not kwargs and self._decoder_direct:
+            return self._decode(inputs_embeds, positions)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    @property
+    def _decoder_direct(self) -> bool:
+        """The step can go straight to the compiled decoder: one pipeline stage (always, PP is refused) and no
+        auxiliary hidden states asked for (EAGLE-3, refused with speculative decoding)."""
+        return not self._output_aux_hidden_states_kwargs and self.pp_group.world_size == 1
+
+    def _decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(N, H) embeddings, (3, N) M-RoPE positions -> (N, H) final hidden states, by vLLM's compiled decoder
+        (transformers' Qwen2.5-VL text model) alone. vLLM's merges the image embeddings in `embed_input_ids`, so
+        transformers' outer `Qwen2_5_VLModel.forward` (which only passes the embeddings and positions on, behind
+        output wrappers) and the backend's per-step config reads are skipped: a fixed cost per step that is most of
+        a small model's step on a CPU."""
+        outputs = self.model.language_model(
+            input_ids=None, inputs_embeds=inputs_embeds[None], position_ids=positions[:, None].contiguous(),
+            use_cache=False, return_dict=False)
+        return outputs[0][0]
+
+    def get_language_model(self) -> torch.nn.Module:
+        # The backend builds a wrapper class on every call, and vLLM's `embed_input_ids` calls it every step.
+        language_model = self.__dict__.get("_gap_language_model")
+        if language_model is None:
+            language_model = super().get_language_model()
+            self.__dict__["_gap_language_model"] = language_model  # not a submodule: it shares this module's state
+        return language_model
 
     def compute_logits(self, hidden_states, *args, **kwargs):
         serving = self.serving
         rows = serving.record_rows
         if rows is not None and hidden_states.shape[0] == rows[0].shape[0]:
             serving.record_rows = None
-            if serving.pending_record is not None:  # a step whose span rule never ran: record it alone
-                self.record(*serving.pending_record)
-            # The span processor records these rows together with the span rule (one call, not two).
-            serving.pending_record = (hidden_states, *rows)
+            # Recorded at the next feed, in the same call (one call a step fewer): held in persistent buffers.
+            self.flush_record()
+            serving.hold_record(hidden_states, *rows)
         return super().compute_logits(hidden_states, *args, **kwargs)
 
     @classmethod
@@ -232,6 +262,7 @@ def gap_model_state_cls():
 
         def add_request(self, req_index, new_req_data):
             super().add_request(req_index, new_req_data)
+            self.serving.flush_record()
             prompt = list(new_req_data.prompt_token_ids or [])
             prefill = list(new_req_data.prefill_token_ids or prompt)
             slot = self.serving.admit(new_req_data.req_id, new_req_data.sampling_params, prompt, prefill[len(prompt):])

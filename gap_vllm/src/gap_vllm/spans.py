@@ -86,15 +86,20 @@ class GapServing:
 
     `record_rows` arms the next `compute_logits` (the one whose rows the sampler uses): the model sets it where a
     real step starts (V1: the forward after the processor's `update_state`; V2: `prepare_inputs_embeds`), and
-    `compute_logits` consumes it, so prompt-logprob and dummy calls record nothing. It hands the sampled rows' hidden
-    states on as `pending_record`, which the span processor records together with the span rule."""
+    `compute_logits` consumes it, so prompt-logprob and dummy calls record nothing. It holds the sampled rows'
+    hidden states, slots and next positions in persistent buffers (`hold_record`); the next feed records them in the
+    same call, or `flush_record` (the model's) does before a request takes a slot."""
 
-    def __init__(self, spec: GapSpec, store: LatentStore, max_rows: int, eos: int, vllm_config):
+    def __init__(self, spec: GapSpec, store: LatentStore, max_rows: int, vllm_config):
         self.spec, self.store = spec, store
         self.span_rule = store.apply_span_rule  # compiled by the model in vLLM's compiled mode
-        self.record_and_rule = None  # the model's record + span rule in one call
-        self.pending_record: tuple | None = None  # (hidden states, slots, next positions) of the sampled rows
-        scratch = torch.full((max_rows,), store.scratch, dtype=torch.long, device=store.device)
+        self.flush_record = lambda: None  # the model's
+        device = store.device
+        self.record_hidden = torch.zeros(max_rows, store.hidden_size, dtype=store.vectors.dtype, device=device)
+        self.record_slot = torch.full((max_rows,), store.scratch, dtype=torch.long, device=device)
+        self.record_pos = torch.zeros(max_rows, dtype=torch.int32, device=device)
+        self.recorded = 0  # rows held for recording
+        scratch = torch.full((max_rows,), store.scratch, dtype=torch.long, device=device)
         self.row_slot = scratch  # V1: persistent-batch row -> slot
         self.index_to_slot = scratch.clone()  # V2: request-state index -> slot
         self.row_slot_host = [store.scratch] * max_rows
@@ -103,8 +108,19 @@ class GapServing:
         self.step_armed = False
         self.record_rows: tuple | None = None
         self.resumed = 0  # requests that re-entered the batch with their history (after preemption)
-        self.eos = eos
         _SERVING[getattr(vllm_config, "instance_id", "")] = self
+
+    def hold_record(self, hidden_states: torch.Tensor, row_slot: torch.Tensor, next_pos: torch.Tensor) -> None:
+        """Keep (R, H) sampled hidden states, their (R,) slots and next positions until the next feed (the runner
+        reuses its own buffers for the next step's layout)."""
+        rows = hidden_states.shape[0]
+        self.record_hidden[:rows].copy_(hidden_states)
+        self.record_slot[:rows].copy_(row_slot)
+        self.record_pos[:rows].copy_(next_pos)
+        self.recorded = rows
+
+    def recorded_rows(self, rows: int) -> tuple:
+        return self.record_hidden[:rows], self.record_slot[:rows], self.record_pos[:rows]
 
     def admit(self, key, params, prompt, output) -> int:
         output = [t for t in (output or []) if t >= 0]  # async scheduling: -1 placeholders
@@ -125,6 +141,8 @@ class GapServing:
             if keys[index] is not None:
                 store.release(keys[index])
             keys[index], slots[index] = None, store.scratch
+        if batch_update.added:
+            self.flush_record()
         for index, params, prompt, output in batch_update.added:
             if keys[index] is not None:
                 store.release(keys[index])
@@ -190,9 +208,6 @@ class GapLatentSpanProcessor(V1LogitsProcessor, V2LogitsProcessor):
         row_slot = serving.row_slot[: logits.shape[0]]  # V1: logits rows are persistent-batch rows
         if ctx is not None:  # V2: rows map to request-state indices (into the same persistent buffer, which the
             row_slot.copy_(serving.index_to_slot[ctx.expanded_idx_mapping])  # compiled step was warmed up with)
-        pending, serving.pending_record = serving.pending_record, None
-        if pending is not None and serving.record_and_rule is not None:
-            return serving.record_and_rule(logits, row_slot, *pending)
         return serving.span_rule(logits, row_slot)
 
 
