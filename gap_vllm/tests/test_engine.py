@@ -152,3 +152,26 @@ def test_fuzzed_batches_equal_generate(llm, fixtures, seed):
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in outputs] == refs
     assert serving.resumed > resumed, "no request was preempted"
+
+
+def test_compiled_steps_do_not_recompile(llm, fixtures):
+    """The compiled GAP steps are compiled at start (warm-up) for every batch shape: a single request (one row, one
+    token, a chunked prefill of one row), a batch, an image prompt, add no graph (a recompile would stall requests
+    for seconds). In eager mode nothing is compiled."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from gap_vllm.latent_store import LatentStore
+    from gap_vllm.model import GapQwen2_5VLForConditionalGeneration
+
+    codes = (GapQwen2_5VLForConditionalGeneration._record_and_feed.__code__, LatentStore.apply_span_rule.__code__)
+    before = [len(_debug_get_cache_entry_list(code)) for code in codes]
+    run(llm, fixtures["prompts"][:1], fixtures["max_new_tokens"])
+    run(llm, fixtures["prompts"][:3], fixtures["max_new_tokens"])
+    image = Image.open(fixtures["image"]).convert("RGB")
+    run(llm, [{"prompt": fixtures["image_prompt"], "multi_modal_data": {"image": image}}] * 2, 8)
+    after = [len(_debug_get_cache_entry_list(code)) for code in codes]
+    assert after == before
+    if llm.llm_engine.vllm_config.compilation_config.mode == 0:  # eager
+        assert after == [0, 0]
+    else:
+        assert 1 <= after[0] and 1 <= after[1]

@@ -158,6 +158,13 @@ class LatentStore:
         self.vector_pos.index_fill_(0, index, -1)
 
     # ---- per step (device, fixed shapes) -----------------------------------------------------------------------
+    @staticmethod
+    def _write(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+        """`target[index] = values` along dim 0, without broadcasting: compiled with dynamic shapes, an indexed
+        assignment would specialize on one row (broadcast or not) and recompile when the batch size crosses 1.
+        Padded rows all name the scratch slot: which of their writes lands there does not matter."""
+        target.index_copy_(0, index, values)
+
     def _can_open(self, state: torch.Tensor) -> torch.Tensor:
         """(n, NUM_FIELDS) gathered state rows -> (n,) bool: may a `<|latent_start|>` open a span now (`drop`,
         `max_latent_spans`, and room for a whole span in the history)."""
@@ -193,14 +200,11 @@ class LatentStore:
         opens = has_output & ~in_span & ~end_due & (token == tokens.start) & self._can_open(state)
         out_slots = torch.where(in_span, torch.where(is_pad, slots_left - 1, zeros),
                                 torch.where(opens, state[:, MAX_LATENTS], zeros))
-        updated = torch.stack([
-            torch.where(has_output, out_slots, slots_left),
-            torch.where(has_output, in_span & is_pad & (slots_left == 1), end_due).long(),
-            state[:, SPANS] + opens.long(),
-            torch.where(row_valid, torch.maximum(folded, position), folded),
-        ], dim=1)
-        columns = torch.tensor([SLOTS_LEFT, END_DUE, SPANS, FOLDED], device=row_slot.device)
-        self.state[row_slot[:, None], columns[None, :]] = updated  # padded rows all write the scratch slot
+        self._write(self.state[:, SLOTS_LEFT], row_slot, torch.where(has_output, out_slots, slots_left))
+        self._write(self.state[:, END_DUE], row_slot,
+                    torch.where(has_output, in_span & is_pad & (slots_left == 1), end_due).long())
+        self._write(self.state[:, SPANS], row_slot, state[:, SPANS] + opens.long())
+        self._write(self.state[:, FOLDED], row_slot, torch.where(row_valid, torch.maximum(folded, position), folded))
         return is_slot
 
     def feed(self, inputs_embeds: torch.Tensor, token_ids: torch.Tensor, query_start_loc: torch.Tensor,
@@ -225,10 +229,11 @@ class LatentStore:
         # The pending vector joins the history of each row that was fed it.
         count = self.state[row_slot, COUNT]
         at = count.clamp(max=self.capacity - 1)
-        self.vectors[row_slot, at] = torch.where(commit[:, None], self.pending_vector[row_slot],
-                                                 self.vectors[row_slot, at])
-        self.vector_pos[row_slot, at] = torch.where(commit, row_position, self.vector_pos[row_slot, at])
-        self.state[row_slot, COUNT] = count + commit.long()
+        entry = row_slot * self.capacity + at
+        vectors, vector_pos = self.vectors.view(-1, self.hidden_size), self.vector_pos.view(-1)
+        self._write(vectors, entry, torch.where(commit[:, None], self.pending_vector[row_slot], vectors[entry]))
+        self._write(vector_pos, entry, torch.where(commit, row_position, vector_pos[entry]))
+        self._write(self.state[:, COUNT], row_slot, count + commit.long())
         return inputs_embeds
 
     def feed_step(self, token_ids: torch.Tensor, inputs_embeds: torch.Tensor, query_start_loc: torch.Tensor,
@@ -255,9 +260,9 @@ class LatentStore:
         # its next token already folded) records nothing, and a pending vector already there for the same position
         # (computed before the preemption) is kept.
         write = (next_pos > state[:, FOLDED]) & (state[:, PENDING_POS] != next_pos)
-        self.pending_vector[row_slot] = torch.where(write[:, None], latents.to(self.pending_vector.dtype),
-                                                    self.pending_vector[row_slot])
-        self.state[row_slot, PENDING_POS] = torch.where(write, next_pos.long(), state[:, PENDING_POS])
+        self._write(self.pending_vector, row_slot, torch.where(write[:, None], latents.to(self.pending_vector.dtype),
+                                                               self.pending_vector[row_slot]))
+        self._write(self.state[:, PENDING_POS], row_slot, torch.where(write, next_pos.long(), state[:, PENDING_POS]))
 
     def apply_span_rule(self, logits: torch.Tensor, row_slot: torch.Tensor) -> torch.Tensor:
         """(R, V) logits of the rows being sampled -> (R, V) with the span rule applied, in place where possible.
@@ -304,6 +309,22 @@ class LatentStore:
         logits.scatter_(1, index, torch.where(is_forced[:, None], torch.zeros_like(index, dtype=logits.dtype),
                                               logits.gather(1, index)))
         return logits
+
+
+def compile_step(fn):
+    """`torch.compile` as the per-step functions are compiled in vLLM's compiled mode: whole graph, dynamic shapes.
+    Compile them inside `size_oblivious()` (the first calls, at warm-up): see there."""
+    return torch.compile(fn, fullgraph=True, dynamic=True)
+
+
+def size_oblivious():
+    """Compile with backed sizes treated size-obliviously (as vLLM's own `backed_size_oblivious` mode does): without
+    it every dynamic size of 1 is specialized, and a batch of one row (or token, or recorded row) would recompile
+    each of the step's graphs for each combination, while requests wait. With it, the linear layer's one-row case
+    remains the only specialization (two graphs for the record-and-feed step)."""
+    import torch.fx.experimental._config as fx_config
+
+    return fx_config.patch(backed_size_oblivious=True)
 
 
 def token_layout(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int

@@ -33,7 +33,7 @@ from vllm.model_executor.models.transformers.multimodal import MultiModalDummyIn
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .config import GapSpec
-from .latent_store import FEEDBACK_CODES, LatentStore, SpanTokens
+from .latent_store import FEEDBACK_CODES, LatentStore, SpanTokens, compile_step, size_oblivious
 from .processing import GapMultiModalProcessor, GapProcessingInfo
 from .spans import GapServing, eos_id
 
@@ -107,9 +107,8 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
             # The two calls of a step: the previous step's record with this one's feed (see `compute_logits`), and
             # the span rule. A feed with nothing held and a record flushed before an admission run eagerly (steps
             # that admit a request, which are prefill steps anyway).
-            options = dict(fullgraph=True, dynamic=True)
-            self._record_and_feed_step = torch.compile(self._record_and_feed, **options)
-            self.serving.span_rule = torch.compile(store.apply_span_rule, **options)
+            self._record_and_feed_step = compile_step(self._record_and_feed)
+            self.serving.span_rule = compile_step(store.apply_span_rule)
         if not getattr(vllm_config, "use_v2_model_runner", False):
             log_serving_mode(vllm_config, self.serving, runner="V1")
 
@@ -142,8 +141,9 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         return loaded
 
     def _warm_up(self) -> None:
-        """Run the compiled GAP steps once per shape class (one row; several) on the scratch slot, which no request
-        uses: compilation happens at start, not in the first request."""
+        """Run the compiled GAP steps once per shape class (several rows; one) on the scratch slot, which no request
+        uses: compilation happens at start, not in the first request (`size_oblivious`: these two classes cover
+        every batch)."""
         store = self.serving.store
         device, hidden_size = store.device, store.hidden_size
         vocab = self.config.get_text_config().vocab_size
@@ -155,8 +155,8 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         embeds = torch.zeros(12, hidden_size, dtype=dtype, device=device)
         row_slot = torch.full((9,), store.scratch, dtype=torch.long, device=device)
         serving = self.serving
-        with torch.inference_mode():
-            for tokens, rows, recorded in ((1, 1, 1), (5, 3, 2)):
+        with torch.inference_mode(), size_oblivious():
+            for tokens, rows, recorded in ((5, 3, 2), (1, 1, 1)):  # the general graph first
                 # No token is valid (query_start_loc all 0) and every slot is the scratch one: nothing else is
                 # written.
                 step = (ids[:tokens], embeds[:tokens], qsl[: rows + 1], seq_lens[:rows], row_slot[:rows])
