@@ -224,6 +224,13 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
             use_cache=False, return_dict=False)
         return outputs[0][0]
 
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        if (multimodal_embeddings is None or len(multimodal_embeddings) == 0) and not self._has_oov_mm_tokens:
+            # A text-only step (every decode step): the token embedding alone. vLLM's multimodal path reaches the
+            # same lookup through four wrappers, a fixed cost per step.
+            return self.model.get_input_embeddings()(input_ids)
+        return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+
     def get_language_model(self) -> torch.nn.Module:
         # The backend builds a wrapper class on every call, and vLLM's `embed_input_ids` calls it every step.
         language_model = self.__dict__.get("_gap_language_model")
