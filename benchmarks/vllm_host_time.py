@@ -23,10 +23,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKS = [("model.py", "feed"), ("model.py", "_rows"), ("model.py", "_feed"), ("model.py", "_record"),
-         ("model.py", "record"), ("spans.py", "update_state"), ("spans.py", "apply")]
-# The hooks vLLM calls (not nested in one another), by design: the device-side one (feed; the span processor's
-# apply records too) and the earlier host-side one.
-OUTER = {"device": ("model.py:feed", "spans.py:update_state", "spans.py:apply"),
+         ("model.py", "record"), ("spans.py", "update_state"), ("spans.py", "apply"), ("spans.py", "hold_record"),
+         ("model.py", "embed_input_ids")]
+# The hooks vLLM calls (not nested in one another), by design: the device-side one (feed, which records the previous
+# step's rows too; the span processor; holding the sampled rows in compute_logits) and the earlier host-side one.
+# `model.py:embed_input_ids` (the plugin's text-only embedding, replacing vLLM's multimodal path) is reported apart.
+OUTER = {"device": ("model.py:feed", "spans.py:update_state", "spans.py:apply", "spans.py:hold_record"),
          "host": ("model.py:_rows", "model.py:_feed", "model.py:_record", "spans.py:update_state", "spans.py:apply")}
 STEPS = 128
 

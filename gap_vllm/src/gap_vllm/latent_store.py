@@ -3,7 +3,7 @@
 vLLM's hooks (`model.py`, `spans.py`) are thin adapters around this module; it imports torch only, so it is tested
 alone (compiled with `fullgraph=True`, on fake tensors, traced with `make_fx` and replayed).
 
-Every per-step method (`fold`, `feed`, `record`, `apply_span_rule`) is a fixed sequence of tensor ops on buffers
+Every per-step method (`fold`, `feed`, `feed_step`, `record`, `apply_span_rule`) is a fixed sequence of tensor ops on buffers
 allocated once: no `.item()`, `.tolist()`, `nonzero`, Python branch on a tensor value or per-request loop, so it
 can run inside a captured CUDA graph and under asynchronous scheduling. Host work happens only when the batch
 changes (`admit`, `release`): a slot per request, its options written in one copy.
@@ -19,7 +19,8 @@ State is indexed by a stable *slot* (one per request, kept while the request is 
 A `<|latent_pad|>` token at position p is fed the history's vector for p if there is one (so replay after
 preemption and chunked prefill are exact by construction), else the pending vector when the span rule made it a
 latent slot (the span state says so when the token was folded); otherwise (a pad sampled outside a span) it keeps
-its token embedding, as in GAP `generate`.
+its token embedding, as in GAP `generate`. A prompt's span state (its spans, whether it ends in
+`<|latent_start|>`) is written at `admit`; the per-step fold reads output tokens only.
 """
 
 from __future__ import annotations

@@ -9,14 +9,15 @@ vector and span state per request slot); the model only adapts vLLM's hooks to i
 
 - **feed** (before the decoder; V1: in `forward`, from the forward context's `query_start_loc` / `seq_lens` and the
   row -> slot map the span processor keeps; V2: in `GapModelState.prepare_inputs_embeds`, from the input batch's
-  `idx_mapping`): the new tokens are folded into the span state, then every `<|latent_pad|>` slot takes the vector
-  recorded for its sequence position (the history, else the pending vector);
-- **record** (after the forward, on the rows the sampler uses: `compute_logits`, armed once per step, hands their
-  hidden states to the span processor, which records and applies the span rule in one call): the head's latent (the
-  request's feedback mode and intervention, chosen per row by tensor ops) becomes the slot's pending vector for the
-  next position.
+  `idx_mapping`): each row's new token is folded into the span state, then every `<|latent_pad|>` slot takes the
+  vector recorded for its sequence position (the history, else the pending vector);
+- **record** (the rows the sampler uses: `compute_logits`, armed once per step, holds their hidden states, slots and
+  next positions in persistent buffers; the next feed records them in the same call, or `flush_record` does before
+  a request takes a slot): the head's latent (the request's feedback mode and intervention, chosen per row by tensor
+  ops) becomes the slot's pending vector for the next position;
+- **span rule**: the span processor (`spans.py`), on the logits.
 
-Both are fixed-shape tensor ops (no host read). Until the core has been shown exact under CUDA-graph replay on a
+All are fixed-shape tensor ops (no host read). Until the core has been shown exact under CUDA-graph replay on a
 GPU, full CUDA graphs are turned off for GAP checkpoints (`GapServingConfig`: piecewise graphs, the backbone
 captured, the GAP code eager). Nothing of vLLM is patched.
 """

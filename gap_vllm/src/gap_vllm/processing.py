@@ -119,11 +119,14 @@ class GapProcessingInfo(MultiModalProcessingInfo):
         return {"image": None}
 
 
+def is_gap_config(hf_config) -> bool:
+    """Whether a model config is a GAP checkpoint's."""
+    return getattr(hf_config, "latent_start_token_id", None) is not None and hasattr(hf_config, "num_latent_tokens")
+
+
 def latent_pad_token_id(hf_config) -> int | None:
     """The id of `<|latent_pad|>` in a GAP config (None for any other model)."""
-    if getattr(hf_config, "latent_start_token_id", None) is None or not hasattr(hf_config, "num_latent_tokens"):
-        return None
-    return getattr(hf_config, "latent_pad_token_id", None)
+    return getattr(hf_config, "latent_pad_token_id", None) if is_gap_config(hf_config) else None
 
 
 def check_prompt_token_ids(token_ids, pad_id: int | None, parameter: str | None = "prompt") -> None:

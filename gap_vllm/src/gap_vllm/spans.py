@@ -23,7 +23,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Logi
 
 from .config import FEEDBACK_MODES, INTERVENTIONS, SPAN_RULES, GapSpec
 from .latent_store import LatentStore, RequestOptions, SpanTokens
-from .processing import refuse_structured_outputs
+from .processing import is_gap_config, refuse_structured_outputs
 
 logger = logging.getLogger("vllm.gap_vllm")
 
@@ -181,7 +181,7 @@ class GapLatentSpanProcessor(V1LogitsProcessor, V2LogitsProcessor):
     def __init__(self, vllm_config, *runner_args):
         self.vllm_config = vllm_config
         self.runner = "V2" if len(runner_args) == 1 else "V1"
-        self.is_gap = _is_gap(vllm_config.model_config.hf_config)
+        self.is_gap = is_gap_config(vllm_config.model_config.hf_config)
 
     def serving(self) -> GapServing | None:
         # The processor is built before the model (which creates the serving state) is loaded.
@@ -209,10 +209,6 @@ class GapLatentSpanProcessor(V1LogitsProcessor, V2LogitsProcessor):
         if ctx is not None:  # V2: rows map to request-state indices (into the same persistent buffer, which the
             row_slot.copy_(serving.index_to_slot[ctx.expanded_idx_mapping])  # compiled step was warmed up with)
         return serving.span_rule(logits, row_slot)
-
-
-def _is_gap(hf_config) -> bool:
-    return getattr(hf_config, "latent_start_token_id", None) is not None and hasattr(hf_config, "num_latent_tokens")
 
 
 def eos_id(vllm_config) -> int:
