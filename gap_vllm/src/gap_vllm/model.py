@@ -100,7 +100,6 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         self.serving = GapServing(self.gap, store, max_rows, vllm_config)
         # The per-step GAP code is many small tensor ops: in vLLM's compiled mode it is compiled too (a few fused
         # kernels instead of ~150 launches a step), warmed up after loading so no request waits for it.
-        self._feed_step, self._record_step = store.feed_step, self._record
         self._record_and_feed_step = self._record_and_feed
         self.serving.flush_record = self.flush_record
         self._compiled = vllm_config.compilation_config.mode not in (None, 0)  # 0: CompilationMode.NONE (eager)
@@ -170,19 +169,16 @@ class GapQwen2_5VLForConditionalGeneration(TransformersMultiModalForCausalLM):
         """(N, H) embeddings -> (N, H) with the latent slots fed (`LatentStore.feed_step`), after recording the
         previous step's sampled rows if that is still due (`GapServing.hold_record`). query_start_loc (R+1,),
         seq_lens (R,): the batch's layout; row_slot (R,): each row's store slot."""
-        serving = self.serving
-        if serving.recorded:
-            recorded, serving.recorded = serving.recorded_rows(serving.recorded), 0
-            return self._record_and_feed_step(*recorded, input_ids, inputs_embeds, query_start_loc, seq_lens,
-                                              row_slot)
-        return self._feed_step(input_ids, inputs_embeds, query_start_loc, seq_lens, row_slot)
+        held = self.serving.take_held_record()
+        if held is not None:
+            return self._record_and_feed_step(*held, input_ids, inputs_embeds, query_start_loc, seq_lens, row_slot)
+        return self.serving.store.feed_step(input_ids, inputs_embeds, query_start_loc, seq_lens, row_slot)
 
     def flush_record(self) -> None:
         """Record the held rows now (before a request takes a slot: the held rows may name a slot it reuses)."""
-        serving = self.serving
-        if serving.recorded:
-            recorded, serving.recorded = serving.recorded_rows(serving.recorded), 0
-            self._record_step(*recorded)
+        held = self.serving.take_held_record()
+        if held is not None:
+            self._record(*held)
 
     def _record(self, hidden_states, row_slot, next_pos) -> None:
         """The head's latent for each sampled row (every mode; the row's own is chosen in the store)."""

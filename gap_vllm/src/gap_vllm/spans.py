@@ -122,6 +122,13 @@ class GapServing:
     def recorded_rows(self, rows: int) -> tuple:
         return self.record_hidden[:rows], self.record_slot[:rows], self.record_pos[:rows]
 
+    def take_held_record(self) -> tuple | None:
+        """The held rows (views of the buffers), once; None when nothing is held."""
+        if not self.recorded:
+            return None
+        held, self.recorded = self.recorded_rows(self.recorded), 0
+        return held
+
     def admit(self, key, params, prompt, output) -> int:
         output = [t for t in (output or []) if t >= 0]  # async scheduling: -1 placeholders
         resumed = key in self.store.slot_table.parked
